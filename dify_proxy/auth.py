@@ -1,0 +1,126 @@
+"""Supabase session checks, done locally so a chat request costs no call to Supabase.
+
+The token's header only chooses which configured key to try; the algorithm is then pinned to
+that key (HS256 for the legacy secret, the JWK's own algorithm for signing keys), so `none`,
+HS384 or a public key used as an HMAC secret never verify. Signature alone is not enough: the
+project's anon and service_role keys are validly signed too, hence the claim checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jwt
+from flask import current_app, g, request
+
+from .errors import ApiError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+LEEWAY_SECONDS = 10
+ASYMMETRIC_ALGORITHMS = ("ES256", "RS256")
+JWKS_CACHE_SECONDS = 600  # Supabase's edge caches the JWKS for about as long
+JWKS_REFETCH_COOLDOWN_SECONDS = 30  # an unknown kid refetches at most this often
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class InvalidSession(ApiError):
+    def __init__(self, message: str = "Missing or invalid session.") -> None:
+        super().__init__(
+            401,
+            "unauthorized",
+            message,
+            {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+
+
+class Verifier:
+    """Holds the keys for one app; built once at start-up (the JWKS itself is fetched lazily)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.secret = settings.supabase_jwt_secret
+        self.audience = settings.supabase_jwt_audience
+        self.issuer = settings.jwt_issuer
+        self.jwks = None
+        if settings.jwks_url:
+            self.jwks = jwt.PyJWKClient(
+                settings.jwks_url,
+                lifespan=JWKS_CACHE_SECONDS,
+                cooldown_duration=JWKS_REFETCH_COOLDOWN_SECONDS,
+                headers={"User-Agent": "dify-proxy"},
+                timeout=5,
+            )
+
+    def _key_for(self, token: str) -> tuple[Any, str]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise InvalidSession() from None
+        alg = header.get("alg")
+        if alg == "HS256" and self.secret:
+            return self.secret, alg
+        if alg in ASYMMETRIC_ALGORITHMS and self.jwks is not None:
+            kid = header.get("kid")
+            if not isinstance(kid, str):
+                raise InvalidSession()
+            try:
+                jwk = self.jwks.get_signing_key(kid)
+            except jwt.PyJWKClientConnectionError:
+                log.error("could not fetch the Supabase JWKS")
+                raise ApiError(
+                    503, "auth_unavailable", "Session keys are unavailable; try again shortly."
+                ) from None
+            except jwt.PyJWKClientError:
+                raise InvalidSession() from None
+            if jwk.algorithm_name != alg:
+                raise InvalidSession()
+            return jwk.key, alg
+        raise InvalidSession()
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """Return the claims of a real user session, or raise `InvalidSession`."""
+        key, alg = self._key_for(token)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["exp", "sub", "aud"]},
+            )
+        except jwt.InvalidTokenError:
+            raise InvalidSession() from None
+        sub = claims.get("sub")
+        if claims.get("role") != "authenticated" or not isinstance(sub, str) or not sub:
+            raise InvalidSession()
+        return claims
+
+
+def bearer_token() -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def require_session(view: F) -> F:
+    """Like flaskr's `login_required`: the view runs only with verified claims on `g.claims`."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        token = bearer_token()
+        if token is None:
+            raise InvalidSession()
+        g.claims = current_app.extensions["dify_proxy.verifier"].verify(token)
+        g.user_id = g.claims["sub"]
+        return view(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]

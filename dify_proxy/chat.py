@@ -1,0 +1,127 @@
+"""`/api/chat`: validate the question, call Dify as the session's user, relay the answer.
+
+Everything the proxy can check is checked here, before Dify is called, so that a bad request
+costs no tokens and gets an error a front-end developer can act on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from typing import Any
+
+import requests
+from flask import Blueprint, Response, current_app, g, request
+
+from .auth import require_session
+from .dify import Dify
+from .errors import ApiError
+from .relay import StreamStats, relay
+
+bp = Blueprint("chat", __name__, url_prefix="/api")
+
+MAX_MESSAGE_CHARS = 32_000
+RESPONSE_MODES = ("streaming", "blocking")
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "invalid_param", message)
+
+
+def read_json_object() -> dict[str, Any]:
+    if not request.is_json:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "Send the request body as Content-Type: application/json.",
+        )
+    raw = request.get_data(cache=False)
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise bad_request("The request body is not valid UTF-8.") from None
+    except ValueError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def validate_uuid(value: Any, name: str) -> str:
+    """Only the canonical form: Dify answers 400 to anything else, after a network round trip."""
+    if isinstance(value, str):
+        try:
+            canonical = str(uuid.UUID(value))
+        except ValueError:
+            pass
+        else:
+            if canonical == value.lower():
+                return canonical
+    raise bad_request(f"{name} must be a UUID such as 3f8e5c1a-9b2d-4e6f-8a7b-1c2d3e4f5a6b.")
+
+
+def chat_payload(body: dict[str, Any], user: str) -> dict[str, Any]:
+    """Dify's request for this body; `user` always comes from the session, never the body."""
+    message = body.get("message")
+    if not isinstance(message, str) or not message.strip():
+        raise bad_request("message is required and must be a non-blank string.")
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise bad_request(f"message must be at most {MAX_MESSAGE_CHARS} characters.")
+    inputs = body.get("inputs", {})
+    if not isinstance(inputs, dict):
+        raise bad_request("inputs must be a JSON object.")
+    files = body.get("files", [])
+    if not isinstance(files, list):
+        raise bad_request("files must be a list.")
+    mode = body.get("response_mode", "streaming")
+    if mode not in RESPONSE_MODES:
+        raise bad_request("response_mode must be 'streaming' or 'blocking'.")
+    payload: dict[str, Any] = {
+        "query": message,
+        "inputs": inputs,
+        "user": user,
+        "response_mode": mode,
+    }
+    conversation_id = body.get("conversation_id")
+    if conversation_id not in (None, ""):
+        payload["conversation_id"] = validate_uuid(conversation_id, "conversation_id")
+    if files:
+        payload["files"] = files
+    return payload
+
+
+@bp.post("/chat")
+@require_session
+def chat() -> Response:
+    payload = chat_payload(read_json_object(), g.user_id)
+    dify: Dify = current_app.extensions["dify_proxy.dify"]
+    streaming = payload["response_mode"] == "streaming"
+    upstream = dify.chat(payload, stream=streaming)
+    if not streaming or not _is_event_stream(upstream):
+        with upstream:
+            if not upstream.headers.get("Content-Type", "").startswith("application/json"):
+                raise ApiError(502, "upstream_error", "The chat service sent an unreadable answer.")
+            return Response(upstream.content, status=200, content_type="application/json")
+    stats = g.stream_stats = StreamStats(started=g.started)
+    body = relay(
+        upstream,
+        heartbeat_interval=current_app.config["SETTINGS"].heartbeat_interval,
+        stop=functools.partial(dify.stop, user=g.user_id),
+        stats=stats,
+    )
+    return Response(
+        body,
+        status=200,
+        content_type="text/event-stream; charset=utf-8",
+        headers=STREAM_HEADERS,
+        direct_passthrough=True,
+    )
+
+
+def _is_event_stream(upstream: requests.Response) -> bool:
+    return upstream.headers.get("Content-Type", "").startswith("text/event-stream")

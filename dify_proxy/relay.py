@@ -1,0 +1,194 @@
+"""The stream relay: Dify's events to the client as they arrive, plus keep-alives and endings.
+
+Under WSGI a response generator learns that its client left only when a write fails, and it
+cannot write while blocked reading Dify. So a reader (a greenlet under gunicorn's gevent worker,
+a thread elsewhere) reads Dify and hands whole events over a queue; the generator waits on that
+queue for at most one heartbeat interval and writes a keep-alive comment when the wait runs out.
+That write is where a gone client shows up (GeneratorExit), and the generator's `finally`
+closes the upstream response and asks Dify to stop spending tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+from . import sse
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+TERMINAL_EVENTS = frozenset({"message_end", "error"})
+
+
+@dataclass
+class StreamStats:
+    """What the request log line reports about a stream; filled in as it runs."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_event: float | None = None
+    events: int = 0
+    bytes: int = 0
+    end: str = "running"
+    task_id: str | None = None
+    conversation_id: str | None = None
+    message_id: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class _End:
+    reason: str
+    final: bytes = b""
+
+
+def relay(
+    upstream: requests.Response,
+    *,
+    heartbeat_interval: float,
+    stop: Callable[[str], None],
+    stats: StreamStats,
+) -> Iterator[bytes]:
+    """Yield the client's bytes: a first comment at once, then Dify's events unchanged."""
+    handoff: queue.Queue[bytes | _End] = queue.Queue()
+    reader = threading.Thread(target=_read, args=(upstream, handoff, stats), daemon=True)
+    try:
+        yield sse.FIRST_COMMENT
+        reader.start()
+        while True:
+            try:
+                item = handoff.get(timeout=heartbeat_interval)
+            except queue.Empty:
+                yield sse.KEEPALIVE
+                continue
+            if isinstance(item, _End):
+                stats.end = item.reason
+                if item.final:
+                    yield item.final
+                return
+            if stats.first_event is None:
+                stats.first_event = time.perf_counter()
+            stats.bytes += len(item)
+            yield item
+    except GeneratorExit:
+        stats.end = "client_gone"
+        raise
+    finally:
+        _close(upstream)
+        if stats.task_id and stats.end not in ("completed", "upstream_error"):
+            threading.Thread(target=stop, args=(stats.task_id,), daemon=True).start()
+
+
+def _read(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats) -> None:
+    """Frame Dify's bytes into whole events and hand them over, one batch per network read."""
+    pending = b""
+    terminal: str | None = None
+    try:
+        while True:
+            data = upstream.raw.read1(READ_SIZE)
+            if not data:
+                break
+            scan_from = len(pending) - 3
+            events, pending = sse.cut_events(pending + data, scan_from)
+            if not events:
+                continue
+            out = []
+            for event in events:
+                kind = sse.event_type(event)
+                if kind == "ping":
+                    out.append(sse.PING_COMMENT)
+                    continue
+                if kind is not None:
+                    stats.events += 1
+                    if stats.task_id is None or kind == "message_end":
+                        _note_ids(stats, sse.event_data(event))
+                    if kind in TERMINAL_EVENTS:
+                        terminal = kind
+                out.append(event)
+            handoff.put(b"".join(out))
+    except Exception as exc:  # noqa: BLE001 -- a silent Dify, a reset, a broken chunk, our close
+        if stats.end != "running":  # we closed it: the generator has already finished
+            return
+        if isinstance(exc, ReadTimeoutError):
+            handoff.put(
+                _upstream_failed(
+                    stats,
+                    "timeout",
+                    504,
+                    "upstream_timeout",
+                    "The chat service went silent; the answer is incomplete.",
+                )
+            )
+            return
+        log.info("dify stream broke: %s", type(exc).__name__)
+    if terminal == "message_end":
+        handoff.put(_End("completed"))
+    elif terminal == "error":
+        handoff.put(_End("upstream_error"))
+    else:
+        handoff.put(
+            _upstream_failed(
+                stats,
+                "upstream_dropped",
+                502,
+                "upstream_dropped",
+                "The chat service closed the stream early; the answer is incomplete.",
+            )
+        )
+
+
+def _note_ids(stats: StreamStats, data: Any) -> None:
+    if not isinstance(data, dict):
+        return
+    stats.task_id = stats.task_id or _str(data.get("task_id"))
+    stats.conversation_id = stats.conversation_id or _str(data.get("conversation_id"))
+    stats.message_id = stats.message_id or _str(data.get("message_id"))
+    if data.get("event") == "message_end":
+        usage = (data.get("metadata") or {}).get("usage")
+        stats.usage = usage if isinstance(usage, dict) else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _upstream_failed(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:
+    """End the client's stream the way Dify ends a failed one: a final `error` data event."""
+    return _End(
+        reason,
+        sse.data_event(
+            {
+                "event": "error",
+                "conversation_id": stats.conversation_id,
+                "message_id": stats.message_id,
+                "created_at": int(time.time()),
+                "status": status,
+                "code": code,
+                "message": message,
+            }
+        ),
+    )
+
+
+def _close(upstream: requests.Response) -> None:
+    """Release Dify's connection now, even while the reader is blocked on it.
+
+    Closing a socket does not wake a thread blocked in recv() on it; shutting it down does.
+    (Under gevent, close alone would do, but shutdown is harmless there.)
+    """
+    sock = getattr(getattr(upstream.raw, "connection", None), "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    upstream.close()

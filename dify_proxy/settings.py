@@ -1,0 +1,111 @@
+"""Configuration, read once from the environment (and `.env`) and validated at start-up.
+
+A deploy with a typo in a variable should fail at boot with one line naming the variable,
+not at 2 a.m. on the first request. Everything else reads the frozen `Settings`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from dotenv import load_dotenv
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """A missing or malformed variable; the message names it and never echoes a secret."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    dify_api_key: str
+    dify_api_url: str = "https://api.dify.ai/v1"
+    supabase_jwt_secret: str | None = None
+    supabase_url: str | None = None
+    supabase_jwt_audience: str = "authenticated"
+    dify_connect_timeout: float = 5.0
+    dify_read_timeout: float = 25.0
+    heartbeat_interval: float = 15.0
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
+        return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
+
+    @property
+    def jwks_url(self) -> str | None:
+        return f"{self.supabase_url}/auth/v1/.well-known/jwks.json" if self.supabase_url else None
+
+    @property
+    def jwt_issuer(self) -> str | None:
+        return f"{self.supabase_url}/auth/v1" if self.supabase_url else None
+
+
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _url(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = _text(env, name) or default
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build `Settings` from `environ` (default: `os.environ` after loading `.env`).
+
+    Real environment variables win over `.env`, as on Heroku, where `.env` is absent.
+    """
+    if environ is None:
+        load_dotenv(override=False)
+        environ = os.environ
+    env = environ
+
+    api_key = _text(env, "DIFY_API_KEY")
+    if api_key is None:
+        raise ConfigError("DIFY_API_KEY is required (the Dify app's API key, app-...)")
+
+    secret = _text(env, "SUPABASE_JWT_SECRET")
+    supabase_url = _url(env, "SUPABASE_URL")
+    if secret is None and supabase_url is None:
+        raise ConfigError(
+            "SUPABASE_JWT_SECRET or SUPABASE_URL is required to verify Supabase sessions"
+        )
+
+    log_level = (_text(env, "LOG_LEVEL") or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+
+    return Settings(
+        dify_api_key=api_key,
+        dify_api_url=_url(env, "DIFY_API_URL", Settings.dify_api_url),
+        supabase_jwt_secret=secret,
+        supabase_url=supabase_url,
+        supabase_jwt_audience=_text(env, "SUPABASE_JWT_AUDIENCE") or "authenticated",
+        dify_connect_timeout=_seconds(env, "DIFY_CONNECT_TIMEOUT", Settings.dify_connect_timeout),
+        dify_read_timeout=_seconds(env, "DIFY_READ_TIMEOUT", Settings.dify_read_timeout),
+        heartbeat_interval=_seconds(env, "HEARTBEAT_INTERVAL", Settings.heartbeat_interval),
+        log_level=log_level,
+    )
