@@ -42,7 +42,7 @@ def read_json_object() -> dict[str, Any]:
         )
     raw = request.get_data(cache=False)
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise bad_request("The request body is not valid UTF-8.") from None
     except ValueError as exc:
@@ -104,8 +104,12 @@ def chat() -> Response:
     upstream = dify.chat(payload, stream=streaming)
     if not streaming or not _is_event_stream(upstream):
         with upstream:
-            if not upstream.headers.get("Content-Type", "").startswith("application/json"):
-                raise ApiError(502, "upstream_error", "The chat service sent an unreadable answer.")
+            try:
+                json.loads(upstream.content)
+            except ValueError:
+                raise ApiError(
+                    502, "upstream_error", "The chat service sent an unreadable answer."
+                ) from None
             return Response(upstream.content, status=200, content_type="application/json")
     stats = g.stream_stats = StreamStats(started=g.started)
     body = relay(

@@ -83,13 +83,23 @@ def relay(
         stats.end = "client_gone"
         raise
     finally:
-        _close(upstream)
+        if reader.is_alive():
+            _hang_up(upstream)  # the reader owns the response and closes it on its way out
+        else:
+            upstream.close()
         if stats.task_id and stats.end not in ("completed", "upstream_error"):
             threading.Thread(target=stop, args=(stats.task_id,), daemon=True).start()
 
 
 def _read(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats) -> None:
     """Frame Dify's bytes into whole events and hand them over, one batch per network read."""
+    try:
+        _read_events(upstream, handoff, stats)
+    finally:
+        upstream.close()
+
+
+def _read_events(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats) -> None:
     pending = b""
     terminal: str | None = None
     try:
@@ -179,16 +189,17 @@ def _upstream_failed(stats: StreamStats, reason: str, status: int, code: str, me
     )
 
 
-def _close(upstream: requests.Response) -> None:
-    """Release Dify's connection now, even while the reader is blocked on it.
+def _hang_up(upstream: requests.Response) -> None:
+    """Release Dify's connection now, while the reader may be blocked reading it.
 
-    Closing a socket does not wake a thread blocked in recv() on it; shutting it down does.
-    (Under gevent, close alone would do, but shutdown is harmless there.)
+    Closing the response from here would race the reader (the buffered reader refuses
+    re-entrant calls); shutting the socket down sends Dify a FIN at once and wakes the reader
+    with an end of stream, whether it is a greenlet or a thread.
     """
     sock = getattr(getattr(upstream.raw, "connection", None), "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    upstream.close()
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,0 +1,97 @@
+"""The real thing: gunicorn running the app (as the Procfile does) against the Dify stand-in,
+both over loopback, so streaming, timing, disconnects and chunk boundaries are real."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support import processes, tokens
+
+DIFY_KEY = "app-integration-secret-key-3f9a7c21d4e8"
+HEARTBEAT = 0.5
+READ_TIMEOUT = 3
+
+
+@dataclass
+class StandIn:
+    url: str
+
+    @property
+    def root(self) -> str:
+        return self.url.removesuffix("/v1")
+
+    def calls(self) -> list[dict]:
+        return requests.get(f"{self.root}/_standin/calls", timeout=5).json()
+
+    def chats(self) -> list[dict]:
+        return [c for c in self.calls() if c["path"] == "/v1/chat-messages"]
+
+    def reset(self) -> None:
+        requests.post(f"{self.root}/_standin/reset", timeout=5)
+
+    def wait_for(self, predicate, seconds: float = 10) -> list[dict]:
+        """Poll the call log until `predicate(calls)` holds; returns the calls."""
+        deadline = time.monotonic() + seconds
+        while True:
+            calls = self.calls()
+            if predicate(calls) or time.monotonic() > deadline:
+                return calls
+            time.sleep(0.05)
+
+
+@dataclass
+class Proxy:
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def chat(
+        self, body: dict, token: str | None = None, headers: dict | None = None
+    ) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token or tokens.hs256()}", **(headers or {})}
+        return requests.post(
+            f"{self.url}/api/chat", json=body, headers=headers, stream=True, timeout=30
+        )
+
+
+@pytest.fixture(scope="session")
+def standin() -> Iterator[StandIn]:
+    process, url = processes.start_standin(DIFY_KEY)
+    yield StandIn(url)
+    processes.stop(process)
+
+
+@pytest.fixture(scope="session")
+def proxy(standin, tmp_path_factory) -> Iterator[Proxy]:
+    log_path = tmp_path_factory.mktemp("proxy") / "gunicorn.log"
+    env = {
+        "DIFY_API_KEY": DIFY_KEY,
+        "DIFY_API_URL": standin.url,
+        "SUPABASE_JWT_SECRET": tokens.SECRET,
+        "HEARTBEAT_INTERVAL": str(HEARTBEAT),
+        "DIFY_READ_TIMEOUT": str(READ_TIMEOUT),
+        "LOG_LEVEL": "DEBUG",
+        "WEB_CONCURRENCY": "2",
+    }
+    process, url = processes.start_proxy(env, log_path)
+    yield Proxy(url, log_path)
+    processes.stop(process)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_call_log(request):
+    if "standin" in request.fixturenames:
+        request.getfixturevalue("standin").reset()
+
+
+def scenario(**knobs) -> dict:
+    """A chat body asking the stand-in for a particular behaviour."""
+    return {"message": "hi", "inputs": {"_standin": knobs}}

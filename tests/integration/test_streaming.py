@@ -1,0 +1,161 @@
+"""The streaming promises of /api/chat, through real gunicorn and a real (stand-in) Dify."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from tests.integration.conftest import HEARTBEAT, READ_TIMEOUT, scenario
+from tests.support import tokens
+from tests.support.sse_client import read_stream
+
+SPECIAL_TEXT = "héllo \u2028 wörld \u0085 😀 — ✓"
+
+
+def first_data_event(received) -> bool:
+    return any(e.startswith(b"data:") for e in received.events())
+
+
+def test_an_event_reaches_the_client_while_dify_still_holds_the_stream_open(proxy, standin):
+    response = proxy.chat(scenario(events=1, end="hang"))
+    received = read_stream(response, until=first_data_event, seconds=10)
+    response.close()
+    assert received.data()[0]["event"] == "message"
+    assert not received.ended
+
+
+def test_headers_and_a_first_comment_come_before_difys_first_event(proxy, standin):
+    response = proxy.chat(scenario(first_delay=1.5, events=1))
+    assert response.status_code == 200
+    received = read_stream(response)
+    first_time, first_chunk = received.chunks[0]
+    data_time = next(t for t, c in received.chunks if b"data:" in c)
+    assert first_chunk.startswith(b": ")
+    assert data_time - first_time > 1.0
+
+
+def test_stream_headers_say_no_caching_no_buffering_no_compression(proxy, standin):
+    response = proxy.chat(scenario(events=1), headers={"Accept-Encoding": "gzip, br"})
+    read_stream(response)
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["Cache-Control"] == "no-cache, no-transform"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Encoding" not in response.headers
+
+
+def test_keep_alive_comments_flow_while_dify_is_silent(proxy, standin):
+    response = proxy.chat(scenario(first_delay=HEARTBEAT * 5, events=1))
+    received = read_stream(response)
+    before_data = received.body.split(b"data:")[0]
+    assert before_data.count(b": keep-alive\n\n") >= 3
+
+
+def test_difys_ping_is_relayed_as_a_comment(proxy, standin):
+    response = proxy.chat(scenario(pings=2, ping_interval=0.05, events=1))
+    body = read_stream(response).body
+    assert body.count(b": ping\n\n") == 2
+    assert b"event: ping" not in body
+
+
+def assert_relayed_unchanged(received, text: str) -> None:
+    """Every data event is byte-for-byte what the stand-in wrote (compact JSON, raw UTF-8)."""
+    for raw, data in zip(received.data_events(), received.data(), strict=True):
+        dumped = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        assert raw == f"data: {dumped}\n\n".encode()
+    answer = "".join(d.get("answer", "") for d in received.data() if d["event"] == "message")
+    assert answer == text
+
+
+def test_events_split_into_three_byte_reads_arrive_intact(proxy, standin):
+    response = proxy.chat(scenario(text=SPECIAL_TEXT, events=3, split=3, split_delay=0.001))
+    received = read_stream(response)
+    assert_relayed_unchanged(received, SPECIAL_TEXT * 3)
+    assert "\u2028".encode() in received.body
+
+
+def test_several_events_in_one_read_arrive_as_separate_events(proxy, standin):
+    response = proxy.chat(scenario(text=SPECIAL_TEXT, events=50, coalesce=True))
+    received = read_stream(response)
+    assert len(received.data()) == 51
+    assert_relayed_unchanged(received, SPECIAL_TEXT * 50)
+
+
+def test_one_megabyte_events_arrive_intact(proxy, standin):
+    response = proxy.chat(scenario(text="a", pad=1_000_000, events=2))
+    received = read_stream(response)
+    assert_relayed_unchanged(received, ("a" + "x" * 1_000_000) * 2)
+
+
+def test_a_completed_stream_ends_with_message_end_and_a_clean_close(proxy, standin):
+    received = read_stream(proxy.chat(scenario(events=3, interval=0)))
+    assert received.ended
+    assert received.data()[-1]["event"] == "message_end"
+
+
+def test_difys_error_event_is_relayed_and_ends_the_stream(proxy, standin):
+    received = read_stream(proxy.chat(scenario(events=1, end="error")))
+    assert received.ended
+    assert received.data()[-1]["event"] == "error"
+    assert received.data()[-1]["code"] == "completion_request_error"
+
+
+def test_a_dropped_upstream_ends_with_a_502_error_event(proxy, standin):
+    received = read_stream(proxy.chat(scenario(events=2, end="drop")))
+    assert received.ended
+    last = received.data()[-1]
+    assert (last["event"], last["status"], last["code"]) == ("error", 502, "upstream_dropped")
+    assert set(last) >= {"conversation_id", "message_id", "created_at", "message"}
+
+
+def test_half_an_event_before_a_drop_is_not_relayed(proxy, standin):
+    received = read_stream(proxy.chat(scenario(events=2, end="drop_mid_event")))
+    assert [d["event"] for d in received.data()] == ["message", "message", "error"]
+
+
+def test_silence_past_the_read_timeout_ends_with_a_504_error_event(proxy, standin):
+    received = read_stream(proxy.chat(scenario(events=1, end="hang")), seconds=READ_TIMEOUT * 4)
+    assert received.ended
+    last = received.data()[-1]
+    assert (last["event"], last["status"], last["code"]) == ("error", 504, "upstream_timeout")
+
+
+def test_silence_before_difys_headers_is_a_504(proxy, standin):
+    response = proxy.chat(scenario(header_delay=READ_TIMEOUT + 1))
+    assert response.status_code == 504
+    assert response.json()["code"] == "upstream_timeout"
+
+
+def test_a_gone_client_closes_the_upstream_within_a_heartbeat_and_stops_the_task(proxy, standin):
+    token = tokens.hs256(sub="7d0f2e3c-5a44-4c61-9a51-0f8f4c2b9e10")
+    response = proxy.chat(scenario(events=1, end="hang"), token=token)
+    read_stream(response, until=first_data_event)
+    closed_at = time.time()
+    response.raw._fp.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+    response.close()
+
+    calls = standin.wait_for(
+        lambda calls: (
+            any(c["stream_end"] == "client_closed" for c in calls)
+            and any(c["path"].endswith("/stop") for c in calls)
+        )
+    )
+    chat = next(c for c in calls if c["path"] == "/v1/chat-messages")
+    stop = next(c for c in calls if c["path"].endswith("/stop"))
+    assert chat["stream_end"] == "client_closed"
+    assert chat["ended_at"] - closed_at < HEARTBEAT * 4
+    assert stop["path"] == f"/v1/chat-messages/{chat['task_id']}/stop"
+    assert stop["json"] == {"user": "7d0f2e3c-5a44-4c61-9a51-0f8f4c2b9e10"}
+
+
+def test_a_completed_stream_makes_no_stop_call(proxy, standin):
+    read_stream(proxy.chat(scenario(events=2, interval=0)))
+    time.sleep(HEARTBEAT)
+    assert not [c for c in standin.calls() if c["path"].endswith("/stop")]
+
+
+def test_blocking_mode_returns_difys_json(proxy, standin):
+    response = proxy.chat({"message": "hi", "response_mode": "blocking"})
+    assert response.status_code == 200
+    assert response.json()["event"] == "message"
+    assert response.json()["answer"].startswith("You said: hi")

@@ -1,0 +1,364 @@
+"""The Dify stand-in, exercised over real TCP: the proxy's tests trust its wire behaviour."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from dify_proxy.standin import start_in_thread
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "app-standin-test-key"
+
+
+def spawn() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dify_proxy.standin", "--port", "0", "--api-key", KEY],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("READY http://127.0.0.1:") and line.endswith("/v1\n"), line
+    return proc, line.split()[1]
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[str]:
+    proc, url = spawn()
+    yield url
+    proc.terminate()
+    proc.wait(5)
+
+
+@pytest.fixture(autouse=True)
+def _reset(base: str) -> None:
+    requests.post(base.removesuffix("/v1") + "/_standin/reset", timeout=5)
+
+
+def calls(base: str) -> list[dict]:
+    return requests.get(base.removesuffix("/v1") + "/_standin/calls", timeout=5).json()
+
+
+def open_streams(base: str) -> int:
+    r = requests.get(base.removesuffix("/v1") + "/_standin/open", timeout=5)
+    return r.json()["open_streams"]
+
+
+def send(
+    base: str,
+    knobs: dict | None = None,
+    *,
+    mode: str = "streaming",
+    user: str = "u1",
+    head: bytes = b"",
+) -> socket.socket:
+    """A raw HTTP/1.1 chat request, so tests see the server's chunk framing untouched."""
+    url = urlsplit(base)
+    body = json.dumps(
+        {"query": "hi", "user": user, "response_mode": mode, "inputs": {"_standin": knobs or {}}}
+    ).encode()
+    sock = socket.create_connection((url.hostname, url.port), timeout=5)
+    sock.sendall(
+        b"POST /v1/chat-messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + KEY.encode()
+        + b"\r\nContent-Type: application/json\r\n"
+        + head
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    return sock
+
+
+def read_head(f) -> tuple[int, dict[str, str]]:
+    status = int(f.readline().split()[1])
+    headers = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    return status, headers
+
+
+def chunks(f) -> Iterator[bytes]:
+    """Chunk payloads as framed by the server, up to (not including) the terminating chunk."""
+    while size := f.readline():
+        if (n := int(size, 16)) == 0:
+            f.readline()
+            return
+        yield f.read(n)
+        f.read(2)
+
+
+def read_stream(f) -> tuple[list[bytes], bool]:
+    """All chunks of one streamed answer, and whether it ended with the terminating chunk."""
+    got = []
+    while size := f.readline():
+        if (n := int(size, 16)) == 0:
+            f.readline()
+            return got, True
+        got.append(f.read(n))
+        f.read(2)
+    return got, False
+
+
+def stream(sock: socket.socket) -> list[bytes]:
+    f = sock.makefile("rb")
+    status, headers = read_head(f)
+    assert (status, headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
+    assert headers["transfer-encoding"] == "chunked"
+    got, terminated = read_stream(f)
+    assert terminated
+    return got
+
+
+def events(body: bytes) -> list[dict | str]:
+    out: list[dict | str] = []
+    for block in body.split(b"\n\n")[:-1]:
+        out.append(json.loads(block[6:]) if block.startswith(b"data: ") else block.decode())
+    return out
+
+
+def test_default_reply_is_one_word_per_chunk_then_message_end(base: str) -> None:
+    with send(base) as sock:
+        got = stream(sock)
+    evs = [events(c) for c in got]
+    assert all(len(e) == 1 for e in evs)  # one event per chunk
+    answer = "".join(e[0]["answer"] for e in evs[:-1])
+    assert answer == (
+        "You said: hi. This reply comes from the local Dify stand-in, streamed word by word."
+    )
+    end = evs[-1][0]
+    assert end["event"] == "message_end"
+    assert set(end["metadata"]["usage"]) == {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "total_price",
+        "currency",
+        "latency",
+    }
+    assert calls(base)[0]["stream_end"] == "completed"
+
+
+def test_events_are_compact_raw_utf8_in_dify_key_order(base: str) -> None:
+    with send(base, {"events": 1, "text": "a\u2028é"}) as sock:
+        got = stream(sock)
+    assert "a\u2028é".encode() in got[0]
+    assert b", " not in got[0] and got[0].startswith(b'data: {"event":"message","conversation_id"')
+    ev = events(got[0])[0]
+    assert list(ev) == [
+        "event",
+        "conversation_id",
+        "message_id",
+        "created_at",
+        "task_id",
+        "id",
+        "answer",
+    ]
+    assert ev["id"] == ev["message_id"] != ev["task_id"]
+
+
+def test_split_sends_fixed_size_chunks_that_cut_utf8_characters(base: str) -> None:
+    with send(base, {"events": 2, "text": "é" * 8, "split": 3, "split_delay": 0}) as sock:
+        got = stream(sock)
+    assert {len(c) for c in got} <= {1, 2, 3}
+    assert any(c[-1:] == b"\xc3" for c in got)  # a piece ends inside a 2-byte character
+    evs = events(b"".join(got))
+    assert [e["event"] for e in evs] == ["message", "message", "message_end"]
+
+
+def test_coalesce_sends_all_events_and_the_end_in_one_chunk(base: str) -> None:
+    with send(base, {"events": 3, "coalesce": True}) as sock:
+        got = stream(sock)
+    assert len(got) == 1
+    assert [e["event"] for e in events(got[0])] == ["message"] * 3 + ["message_end"]
+
+
+def test_pings_are_bare_event_lines_before_the_first_data_event(base: str) -> None:
+    with send(base, {"events": 1, "pings": 2, "ping_interval": 0.01}) as sock:
+        got = stream(sock)
+    assert got[:2] == [b"event: ping\n\n", b"event: ping\n\n"]
+    assert got[2].startswith(b"data: ")
+
+
+def test_error_end_sends_an_error_event_then_ends_the_body(base: str) -> None:
+    with send(base, {"events": 1, "end": "error"}) as sock:
+        got = stream(sock)
+    err = events(got[-1])[0]
+    assert (err["event"], err["status"], err["code"]) == ("error", 400, "completion_request_error")
+    assert "task_id" not in err
+    assert calls(base)[0]["stream_end"] == "error_event"
+
+
+@pytest.mark.parametrize("end", ["drop", "drop_mid_event"])
+def test_drop_closes_the_connection_without_a_terminating_chunk(base: str, end: str) -> None:
+    with send(base, {"events": 1, "end": end}) as sock:
+        f = sock.makefile("rb")
+        read_head(f)
+        got, terminated = read_stream(f)
+    assert not terminated
+    assert got[-1].endswith(b"\n\n") == (end == "drop")
+    assert calls(base)[0]["stream_end"] == "dropped"
+
+
+def test_client_close_during_a_silent_hang_is_recorded_at_once(base: str) -> None:
+    with send(base, {"events": 1, "end": "hang"}) as sock:
+        f = sock.makefile("rb")
+        read_head(f)
+        next(chunks(f))
+        assert open_streams(base) == 1
+        f.close()
+    closed_at = time.time()
+    deadline = closed_at + 2
+    while calls(base)[0]["stream_end"] is None and time.time() < deadline:
+        time.sleep(0.01)
+    call = calls(base)[0]
+    assert call["stream_end"] == "client_closed"
+    assert call["ended_at"] - closed_at < 0.5
+    assert open_streams(base) == 0
+
+
+def test_stop_route_ends_the_stream_with_message_end(base: str) -> None:
+    with send(base, {"events": 100, "interval": 0.5}) as sock:
+        f = sock.makefile("rb")
+        read_head(f)
+        it = chunks(f)
+        task_id = events(next(it))[0]["task_id"]
+        r = requests.post(
+            f"{base}/chat-messages/{task_id}/stop",
+            json={"user": "u1"},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=5,
+        )
+        assert r.json() == {"result": "success"}
+        t0 = time.monotonic()
+        rest = list(it)
+    assert time.monotonic() - t0 < 0.3
+    assert [e["event"] for e in events(b"".join(rest))] == ["message_end"]
+    assert calls(base)[0]["stream_end"] == "stopped"
+
+
+def test_missing_key_gets_401_and_the_key_is_never_recorded(base: str) -> None:
+    r = requests.post(
+        f"{base}/chat-messages",
+        json={"query": "q", "inputs": {}, "user": "u"},
+        headers={"Authorization": "Bearer wrong"},
+        timeout=5,
+    )
+    assert (r.status_code, r.json()) == (
+        401,
+        {"code": "unauthorized", "message": "Access token is invalid", "status": 401},
+    )
+    call = calls(base)[0]
+    assert (call["headers"]["authorization"], call["auth_ok"]) == ("present", False)
+    assert "wrong" not in json.dumps(call)
+
+
+def test_missing_user_gets_400_invalid_param(base: str) -> None:
+    r = requests.post(
+        f"{base}/chat-messages",
+        json={"query": "q", "inputs": {}},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=5,
+    )
+    assert r.status_code == 400 and r.json()["code"] == "invalid_param"
+
+
+def test_status_knob_serves_a_non_json_page_with_retry_after(base: str) -> None:
+    knobs = {"status": 503, "body": "<html>busy</html>", "retry_after": 7}
+    r = requests.post(
+        f"{base}/chat-messages",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"query": "q", "inputs": {"_standin": knobs}, "user": "u"},
+        timeout=5,
+    )
+    assert (r.status_code, r.text, r.headers["Retry-After"]) == (503, "<html>busy</html>", "7")
+    assert r.headers["Content-Type"] == "text/html"
+
+
+def test_blocking_mode_answers_one_json_message(base: str) -> None:
+    r = requests.post(
+        f"{base}/chat-messages",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "query": "q",
+            "inputs": {"_standin": {"text": "hello"}},
+            "user": "u",
+            "conversation_id": "c-1",
+        },
+        timeout=5,
+    )
+    body = r.json()
+    assert (body["event"], body["mode"], body["answer"]) == ("message", "chat", "hello")
+    assert body["conversation_id"] == "c-1" and body["metadata"]["usage"]["total_tokens"] > 0
+
+
+def test_keep_alive_serves_two_streams_on_one_socket(base: str) -> None:
+    with send(base, {"events": 1}) as sock:
+        f = sock.makefile("rb")
+        read_head(f)
+        first = list(chunks(f))
+        body = json.dumps(
+            {
+                "query": "q",
+                "inputs": {"_standin": {"events": 2}},
+                "user": "u",
+                "response_mode": "streaming",
+            }
+        ).encode()
+        sock.sendall(
+            b"POST /v1/chat-messages HTTP/1.1\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        assert read_head(f)[0] == 200
+        second = list(chunks(f))
+    assert (len(first), len(second)) == (2, 3)
+
+
+def test_chunked_request_body_is_refused_with_411(base: str) -> None:
+    with send(base, head=b"Transfer-Encoding: chunked\r\n") as sock:
+        assert read_head(sock.makefile("rb"))[0] == 411
+
+
+def test_unknown_path_is_a_404_in_dify_error_shape(base: str) -> None:
+    r = requests.get(f"{base}/nope", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+def test_start_in_thread_serves_until_stopped() -> None:
+    url, stop = start_in_thread(api_key=KEY)
+    try:
+        r = requests.post(
+            f"{url}/chat-messages",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"query": "q", "inputs": {"_standin": {"text": "t"}}, "user": "u"},
+            timeout=5,
+        )
+        assert r.json()["answer"] == "t"
+    finally:
+        stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url.removesuffix("/v1") + "/_standin/open", timeout=2)
+
+
+def test_sigterm_exits_cleanly_with_a_stream_open() -> None:
+    proc, url = spawn()
+    with send(url, {"end": "hang", "events": 1}) as sock:
+        f = sock.makefile("rb")
+        read_head(f)
+        next(chunks(f))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0

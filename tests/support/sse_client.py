@@ -1,0 +1,51 @@
+"""Reads an SSE response the way a browser does: bytes as they arrive, with arrival times."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import requests
+
+
+@dataclass
+class Received:
+    chunks: list[tuple[float, bytes]] = field(default_factory=list)
+    ended: bool = False  # the response ended cleanly (zero-length chunk), not by our choice
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(chunk for _, chunk in self.chunks)
+
+    def events(self) -> list[bytes]:
+        return [part + b"\n\n" for part in self.body.split(b"\n\n") if part]
+
+    def data_events(self) -> list[bytes]:
+        return [e for e in self.events() if e.startswith(b"data:")]
+
+    def data(self) -> list[dict]:
+        return [json.loads(e[len(b"data: ") :]) for e in self.data_events()]
+
+    def comments(self) -> list[bytes]:
+        return [e for e in self.events() if e.startswith(b":")]
+
+
+def read_stream(
+    response: requests.Response,
+    until: Callable[[Received], bool] | None = None,
+    seconds: float = 20,
+) -> Received:
+    """Read until the body ends, or until `until(received)` holds (then stop reading)."""
+    received = Received()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        chunk = response.raw.read1(65536)
+        if not chunk:
+            received.ended = True
+            break
+        received.chunks.append((time.monotonic(), chunk))
+        if until is not None and until(received):
+            break
+    return received

@@ -1,0 +1,97 @@
+"""SSE framing on raw bytes: whatever the read boundaries, events come out whole and unchanged."""
+
+import json
+
+import pytest
+
+from dify_proxy import sse
+
+EVENT = 'data: {"event":"message","answer":"héllo\u2028wörld\u0085 😀"}\n\n'.encode()
+
+
+def frame_in_pieces(stream: bytes, size: int) -> list[bytes]:
+    """Feed `stream` to the framer `size` bytes at a time, as the relay's reader does."""
+    events, pending = [], b""
+    for start in range(0, len(stream), size):
+        scan_from = len(pending) - 3
+        found, pending = sse.cut_events(pending + stream[start : start + size], scan_from)
+        events.extend(found)
+    assert pending == b""
+    return events
+
+
+def test_one_whole_event_is_cut_with_its_blank_line():
+    assert sse.cut_events(EVENT) == ([EVENT], b"")
+
+
+def test_half_an_event_waits_for_the_rest():
+    assert sse.cut_events(EVENT[:10]) == ([], EVENT[:10])
+
+
+def test_several_events_in_one_read_come_out_separately():
+    events, rest = sse.cut_events(EVENT * 3 + EVENT[:5])
+    assert events == [EVENT] * 3
+    assert rest == EVENT[:5]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64])
+def test_events_split_at_every_byte_boundary_arrive_intact(size):
+    stream = EVENT * 5 + b"event: ping\n\n" + EVENT
+    assert b"".join(frame_in_pieces(stream, size)) == stream
+    assert frame_in_pieces(stream, size)[0] == EVENT
+
+
+def test_unicode_line_separators_inside_json_do_not_split_an_event():
+    (event,), _ = sse.cut_events(EVENT)
+    assert sse.event_data(event)["answer"] == "héllo\u2028wörld\u0085 😀"
+
+
+@pytest.mark.parametrize("terminator", [b"\n\n", b"\r\n\r\n", b"\r\r", b"\r\n\n", b"\n\r\n"])
+def test_every_blank_line_form_ends_an_event(terminator):
+    raw = b'data: {"event":"message"}' + terminator
+    assert sse.cut_events(raw + raw) == ([raw, raw], b"")
+
+
+def test_a_single_crlf_is_one_line_end_not_a_blank_line():
+    raw = b'event: message\r\ndata: {"event":"message"}\r\n'
+    assert sse.cut_events(raw) == ([], raw)
+
+
+def test_a_one_megabyte_event_in_small_reads_arrives_intact():
+    big = b'data: {"event":"message","answer":"' + b"x" * 1_000_000 + b'"}\n\n'
+    assert frame_in_pieces(big + EVENT, 16_384) == [big, EVENT]
+
+
+def test_event_type_reads_the_json_event_key():
+    assert sse.event_type(b'data: {"event":"message_end","x":1}\n\n') == "message_end"
+
+
+def test_event_type_reads_old_dify_json_with_spaces():
+    assert sse.event_type(b'data: {"event": "agent_message", "answer": "a"}\n\n') == "agent_message"
+
+
+def test_event_type_is_not_fooled_by_an_escaped_event_key_in_the_answer():
+    payload = json.dumps({"event": "message", "answer": '"event":"message_end"'})
+    assert sse.event_type(f"data: {payload}\n\n".encode()) == "message"
+
+
+def test_ping_is_recognised_without_a_data_line():
+    assert sse.event_type(b"event: ping\n\n") == "ping"
+
+
+def test_a_comment_has_no_type():
+    assert sse.event_type(b": hello\n\n") is None
+
+
+def test_event_data_joins_multiple_data_lines():
+    assert sse.event_data(b'data: {"a":\ndata: 1}\n\n') == {"a": 1}
+
+
+def test_event_data_of_broken_json_is_none():
+    assert sse.event_data(b"data: {nope\n\n") is None
+
+
+def test_data_event_is_compact_json_with_raw_utf8():
+    assert sse.data_event({"event": "error", "message": "é"}) == (
+        'data: {"event":"error","message":"é"}\n\n'.encode()
+    )
