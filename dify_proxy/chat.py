@@ -123,7 +123,6 @@ def chat() -> Response:
         status=200,
         content_type="text/event-stream; charset=utf-8",
         headers=STREAM_HEADERS,
-        direct_passthrough=True,
     )
 
 
