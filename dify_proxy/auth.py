@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ LEEWAY_SECONDS = 10
 ASYMMETRIC_ALGORITHMS = ("ES256", "RS256")
 JWKS_CACHE_SECONDS = 600  # Supabase's edge caches the JWKS for about as long
 JWKS_REFETCH_COOLDOWN_SECONDS = 30  # an unknown kid refetches at most this often
+JWKS_FAILURE_BACKOFF_SECONDS = 5  # after a failed or empty fetch, no new fetch for this long
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,6 +57,10 @@ class Verifier:
                 headers={"User-Agent": "dify-proxy"},
                 timeout=5,
             )
+        # PyJWT's cooldown only starts after a fetch that found keys; a failed or empty fetch
+        # is remembered here, so forged tokens cannot make us call Supabase on every request.
+        self._jwks_backoff_until = 0.0
+        self._jwks_backoff_error: ApiError | None = None
 
     def _key_for(self, token: str) -> tuple[Any, str]:
         try:
@@ -68,19 +74,29 @@ class Verifier:
             kid = header.get("kid")
             if not isinstance(kid, str):
                 raise InvalidSession()
-            try:
-                jwk = self.jwks.get_signing_key(kid)
-            except jwt.PyJWKClientConnectionError:
-                log.error("could not fetch the Supabase JWKS")
-                raise ApiError(
-                    503, "auth_unavailable", "Session keys are unavailable; try again shortly."
-                ) from None
-            except jwt.PyJWKClientError:
-                raise InvalidSession() from None
+            jwk = self._signing_key(kid)
             if jwk.algorithm_name != alg:
                 raise InvalidSession()
             return jwk.key, alg
         raise InvalidSession()
+
+    def _signing_key(self, kid: str) -> jwt.PyJWK:
+        if time.monotonic() < self._jwks_backoff_until:
+            raise self._jwks_backoff_error or InvalidSession()
+        try:
+            return self.jwks.get_signing_key(kid)
+        except jwt.PyJWKSetError:  # a legacy-only project publishes {"keys": []}
+            error: ApiError = InvalidSession()
+        except (jwt.PyJWKClientConnectionError, ValueError):  # down, or an HTML page
+            log.error("could not fetch the Supabase JWKS")
+            error = ApiError(
+                503, "auth_unavailable", "Session keys are unavailable; try again shortly."
+            )
+        except jwt.PyJWKClientError:  # unknown kid, within PyJWT's own cooldown
+            raise InvalidSession() from None
+        self._jwks_backoff_until = time.monotonic() + JWKS_FAILURE_BACKOFF_SECONDS
+        self._jwks_backoff_error = error
+        raise error
 
     def verify(self, token: str) -> dict[str, Any]:
         """Return the claims of a real user session, or raise `InvalidSession`."""

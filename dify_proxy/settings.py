@@ -50,13 +50,18 @@ def _text(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-def _url(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+def _url(
+    env: Mapping[str, str], name: str, example: str, default: str | None = None, path: bool = True
+) -> str | None:
+    """Messages never repeat the value: a key pasted into the wrong variable stays secret."""
     value = _text(env, name) or default
     if value is None:
         return None
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+        raise ConfigError(f"{name} must be an http(s) URL such as {example}")
+    if not path and parts.path.strip("/"):
+        raise ConfigError(f"{name} must be the project URL without a path, such as {example}")
     return value.rstrip("/")
 
 
@@ -67,9 +72,9 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        raise ConfigError(f"{name} must be a number of seconds, such as 15 or 0.5") from None
     if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+        raise ConfigError(f"{name} must be a positive number of seconds, such as 15 or 0.5")
     return value
 
 
@@ -88,7 +93,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("DIFY_API_KEY is required (the Dify app's API key, app-...)")
 
     secret = _text(env, "SUPABASE_JWT_SECRET")
-    supabase_url = _url(env, "SUPABASE_URL")
+    supabase_url = _url(env, "SUPABASE_URL", "https://<project-ref>.supabase.co", path=False)
     if secret is None and supabase_url is None:
         raise ConfigError(
             "SUPABASE_JWT_SECRET or SUPABASE_URL is required to verify Supabase sessions"
@@ -96,11 +101,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     log_level = (_text(env, "LOG_LEVEL") or "INFO").upper()
     if log_level not in LOG_LEVELS:
-        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
 
     return Settings(
         dify_api_key=api_key,
-        dify_api_url=_url(env, "DIFY_API_URL", Settings.dify_api_url),
+        dify_api_url=_url(env, "DIFY_API_URL", "https://api.dify.ai/v1", Settings.dify_api_url),
         supabase_jwt_secret=secret,
         supabase_url=supabase_url,
         supabase_jwt_audience=_text(env, "SUPABASE_JWT_AUDIENCE") or "authenticated",

@@ -1,0 +1,248 @@
+"""Configuration: read once, validated at start-up, and a bad variable is named in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dify_proxy.settings import ConfigError, Settings, load_settings
+from tests.support.jwks import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "app-SeCrEt-dify-key-7f3a9c0e1b2d"
+JWT_SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
+SUPABASE_URL = "https://abcdefghijklmnop.supabase.co"
+MINIMAL = {"DIFY_API_KEY": API_KEY, "SUPABASE_JWT_SECRET": JWT_SECRET}
+TIMEOUT_VARIABLES = ["DIFY_CONNECT_TIMEOUT", "DIFY_READ_TIMEOUT", "HEARTBEAT_INTERVAL"]
+
+
+def env(**overrides: str | None) -> dict[str, str]:
+    """The minimal valid environment with some variables changed (None removes one)."""
+    merged: dict[str, str | None] = {**MINIMAL, **overrides}
+    return {name: value for name, value in merged.items() if value is not None}
+
+
+def config_error(environ: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(environ)
+    return str(excinfo.value)
+
+
+# --- defaults ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, default",
+    [
+        ("dify_api_url", "https://api.dify.ai/v1"),
+        ("dify_read_timeout", 25),
+        ("heartbeat_interval", 15),
+        ("supabase_jwt_audience", "authenticated"),
+        ("log_level", "INFO"),
+    ],
+)
+def test_unset_variable_takes_its_default(field: str, default: object) -> None:
+    assert getattr(load_settings(MINIMAL), field) == default
+
+
+def test_blank_optional_variable_takes_its_default() -> None:
+    settings = load_settings(env(DIFY_API_URL=" ", DIFY_READ_TIMEOUT="", LOG_LEVEL=""))
+    assert (settings.dify_api_url, settings.dify_read_timeout, settings.log_level) == (
+        "https://api.dify.ai/v1",
+        25,
+        "INFO",
+    )
+
+
+def test_secret_alone_is_enough_to_verify_sessions() -> None:
+    settings = load_settings(MINIMAL)
+    assert (settings.supabase_jwt_secret, settings.supabase_url) == (JWT_SECRET, None)
+
+
+def test_supabase_url_alone_is_enough_to_verify_sessions() -> None:
+    settings = load_settings(env(SUPABASE_JWT_SECRET=None, SUPABASE_URL=SUPABASE_URL))
+    assert settings.supabase_jwt_secret is None
+    assert settings.jwks_url == f"{SUPABASE_URL}/auth/v1/.well-known/jwks.json"
+    assert settings.jwt_issuer == f"{SUPABASE_URL}/auth/v1"
+
+
+# --- required variables --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, "", "   "], ids=["unset", "empty", "blank"])
+def test_missing_dify_api_key_is_named(value: str | None) -> None:
+    assert "DIFY_API_KEY" in config_error(env(DIFY_API_KEY=value))
+
+
+def test_missing_both_session_keys_names_both_variables() -> None:
+    message = config_error(env(SUPABASE_JWT_SECRET=None))
+    assert "SUPABASE_JWT_SECRET" in message
+    assert "SUPABASE_URL" in message
+
+
+# --- malformed values ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["DIFY_API_URL", "SUPABASE_URL"])
+@pytest.mark.parametrize(
+    "value",
+    ["ftp://api.dify.ai/v1", "api.dify.ai/v1", "localhost:8080", "https://", "not a url"],
+)
+def test_url_that_is_not_http_is_named(variable: str, value: str) -> None:
+    assert variable in config_error(env(**{variable: value}))
+
+
+@pytest.mark.parametrize("variable", TIMEOUT_VARIABLES)
+@pytest.mark.parametrize("value", ["abc", "10s", "0", "-1", "-0.5", "nan", "inf", "-inf"])
+def test_seconds_that_are_not_a_positive_finite_number_are_named(variable: str, value: str) -> None:
+    assert variable in config_error(env(**{variable: value}))
+
+
+@pytest.mark.parametrize("variable", TIMEOUT_VARIABLES)
+def test_seconds_are_read_as_numbers(variable: str) -> None:
+    settings = load_settings(env(**{variable: "42"}))
+    assert getattr(settings, variable.lower()) == 42.0
+
+
+def test_fractional_heartbeat_interval_is_accepted() -> None:
+    assert load_settings(env(HEARTBEAT_INTERVAL="0.5")).heartbeat_interval == 0.5
+
+
+@pytest.mark.parametrize("value", ["verbose", "TRACE", "5"])
+def test_unknown_log_level_is_named(value: str) -> None:
+    assert "LOG_LEVEL" in config_error(env(LOG_LEVEL=value))
+
+
+def test_log_level_is_case_insensitive() -> None:
+    assert load_settings(env(LOG_LEVEL="debug")).log_level == "DEBUG"
+
+
+# --- normalisation -------------------------------------------------------------------------
+
+
+def test_trailing_slash_of_dify_api_url_is_stripped() -> None:
+    settings = load_settings(env(DIFY_API_URL="https://dify.example.com/v1/"))
+    assert settings.dify_api_url == "https://dify.example.com/v1"
+
+
+@pytest.mark.parametrize("path", ["/auth/v1", "/rest/v1/"])
+def test_supabase_url_with_a_path_is_named(path: str) -> None:
+    with pytest.raises(ConfigError, match="SUPABASE_URL"):
+        load_settings({**MINIMAL, "SUPABASE_URL": SUPABASE_URL + path})
+
+
+def test_trailing_slash_of_supabase_url_is_stripped() -> None:
+    settings = load_settings(env(SUPABASE_URL=f"{SUPABASE_URL}/"))
+    assert settings.supabase_url == SUPABASE_URL
+    assert settings.jwt_issuer == f"{SUPABASE_URL}/auth/v1"
+    assert settings.jwks_url == f"{SUPABASE_URL}/auth/v1/.well-known/jwks.json"
+
+
+# --- secrets stay out of messages ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"SUPABASE_JWT_SECRET": None, "SUPABASE_URL": None},
+        {"DIFY_API_URL": "dify"},
+        {"SUPABASE_URL": "supabase"},
+        {"DIFY_READ_TIMEOUT": "soon"},
+        {"HEARTBEAT_INTERVAL": "0"},
+        {"DIFY_CONNECT_TIMEOUT": "nan"},
+        {"LOG_LEVEL": "loud"},
+        pytest.param({"DIFY_API_URL": API_KEY}, id="API key pasted into DIFY_API_URL"),
+        pytest.param({"SUPABASE_URL": JWT_SECRET}, id="JWT secret pasted into SUPABASE_URL"),
+    ],
+    ids=lambda broken: next(iter(broken)),
+)
+def test_config_error_never_contains_the_api_key_or_the_jwt_secret(
+    broken: dict[str, str | None],
+) -> None:
+    message = config_error(env(**{"SUPABASE_URL": SUPABASE_URL, **broken}))
+    assert API_KEY not in message
+    assert JWT_SECRET not in message
+
+
+@pytest.mark.parametrize("render", [repr, str], ids=["repr", "str"])
+def test_settings_text_never_contains_the_api_key_or_the_jwt_secret(render: object) -> None:
+    settings = load_settings(env(SUPABASE_URL=SUPABASE_URL))
+    text = render(settings)  # type: ignore[operator]
+    assert API_KEY not in text
+    assert JWT_SECRET not in text
+
+
+def test_settings_keep_the_key_and_secret_for_the_app() -> None:
+    settings = load_settings(MINIMAL)
+    assert isinstance(settings, Settings)
+    assert (settings.dify_api_key, settings.supabase_jwt_secret) == (API_KEY, JWT_SECRET)
+
+
+# --- start-up through the real entry points ------------------------------------------------
+
+
+@pytest.fixture
+def environ_without_api_key(tmp_path: Path) -> dict[str, str]:
+    """A clean process environment: everything valid except DIFY_API_KEY, and an empty HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    return {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": str(home),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "SUPABASE_JWT_SECRET": JWT_SECRET,
+        "PORT": str(free_port()),
+    }
+
+
+def run_entry_point(args: list[str], environ: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run from the repository root; a process that does not exit within 20 s is a failure
+    (a server that started despite the bad configuration), and its whole group is killed."""
+    process = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{args[0]} kept running despite the missing DIFY_API_KEY")
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def assert_one_line_naming_the_api_key(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "DIFY_API_KEY" in lines[0]
+
+
+def test_importing_the_wsgi_module_without_api_key_exits_3_with_one_line(
+    environ_without_api_key: dict[str, str],
+) -> None:
+    result = run_entry_point([sys.executable, "-c", "import app"], environ_without_api_key)
+    assert result.returncode == 3
+    assert_one_line_naming_the_api_key(result.stderr)
+
+
+def test_gunicorn_without_api_key_stops_at_once_with_one_line(
+    environ_without_api_key: dict[str, str],
+) -> None:
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    result = run_entry_point(
+        [str(gunicorn), "app:app", "--config", "gunicorn.conf.py"], environ_without_api_key
+    )
+    assert result.returncode != 0
+    assert_one_line_naming_the_api_key(result.stderr)
