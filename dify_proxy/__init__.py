@@ -21,21 +21,36 @@ MAX_BODY_BYTES = 1024 * 1024
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app; configuration is read and validated here, once, and raises ConfigError."""
     from flask import Flask
+    from flask_cors import CORS
+    from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import chat, errors, requestlog
+    from . import api, chat, errors, requestlog
     from .auth import Verifier
     from .dify import Dify
 
     settings = settings or load_settings()
     app = Flask(__name__)
+    # Heroku's router (and most hosts) terminate TLS and say so in X-Forwarded-Proto; the
+    # same-origin check for cookie sessions needs the scheme the browser used.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1)  # type: ignore[method-assign]
     app.config.update(SETTINGS=settings, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     requestlog.init_app(app, settings.log_level)
 
     app.extensions["dify_proxy.verifier"] = Verifier(settings)
     app.extensions["dify_proxy.dify"] = Dify(settings)
 
+    if settings.cors_origins:
+        CORS(
+            app,
+            resources={r"/api/*": {"origins": list(settings.cors_origins)}},
+            supports_credentials=True,
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     errors.register_error_handlers(app)
     app.register_blueprint(chat.bp)
+    app.register_blueprint(api.bp)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

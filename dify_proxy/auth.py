@@ -8,11 +8,16 @@ project's anon and service_role keys are validly signed too, hence the claim che
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import itertools
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import jwt
 from flask import current_app, g, request
@@ -127,12 +132,70 @@ def bearer_token() -> str | None:
     return token
 
 
+def cookie_token(cookies: Mapping[str, str], name: str) -> str | None:
+    """The access token in `@supabase/ssr`'s session cookie, whole or split into `.0`, `.1`...
+
+    Anything that does not decode is "no session": malformed cookies must not crash a server.
+    """
+    value = cookies.get(name)
+    if value is None:
+        chunks = []
+        for i in itertools.count():
+            chunk = cookies.get(f"{name}.{i}")
+            if chunk is None:
+                break
+            chunks.append(chunk)
+        value = "".join(chunks)
+    if not value:
+        return None
+    try:
+        if value.startswith("base64-"):
+            encoded = value.removeprefix("base64-")
+            text = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+        else:
+            text = unquote(value)
+        session = json.loads(text)
+    except (ValueError, binascii.Error):
+        return None
+    if isinstance(session, dict):  # @supabase/ssr: the session object
+        token = session.get("access_token")
+    elif isinstance(session, list) and session:  # old auth-helpers: [access, refresh, ...]
+        token = session[0]
+    else:
+        return None
+    return token if isinstance(token, str) and token else None
+
+
+def _check_cookie_origin() -> None:
+    """A cookie rides along on any same-site request, so it only counts from a page we trust."""
+    origin = request.headers.get("Origin")
+    if origin is None and request.referrer:
+        parts = urlsplit(request.referrer)
+        origin = f"{parts.scheme}://{parts.netloc}"
+    allowed = current_app.config["SETTINGS"].cors_origins
+    if origin is None or (origin not in allowed and origin != request.host_url.rstrip("/")):
+        raise ApiError(
+            403, "forbidden", "A cookie session is only accepted from an allowed origin."
+        )
+
+
+def session_token() -> str | None:
+    """An `Authorization` header wins over a cookie, even a bad one: no silent fallback."""
+    if "Authorization" in request.headers:
+        return bearer_token()
+    cookie_name = current_app.config["SETTINGS"].supabase_auth_cookie
+    token = cookie_token(request.cookies, cookie_name) if cookie_name else None
+    if token is not None:
+        _check_cookie_origin()
+    return token
+
+
 def require_session(view: F) -> F:
     """Like flaskr's `login_required`: the view runs only with verified claims on `g.claims`."""
 
     @functools.wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        token = bearer_token()
+        token = session_token()
         if token is None:
             raise InvalidSession()
         g.claims = current_app.extensions["dify_proxy.verifier"].verify(token)

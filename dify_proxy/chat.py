@@ -95,10 +95,43 @@ def chat_payload(body: dict[str, Any], user: str) -> dict[str, Any]:
     return payload
 
 
+def query_body() -> dict[str, Any]:
+    """EventSource can only GET, so its question comes in the query string."""
+    body: dict[str, Any] = {
+        "message": request.args.get("message"),
+        "conversation_id": request.args.get("conversation_id"),
+    }
+    if "inputs" in request.args:
+        try:
+            body["inputs"] = json.loads(request.args["inputs"])
+        except ValueError:
+            raise bad_request("inputs must be a JSON object string, such as {}.") from None
+    return body
+
+
+def is_reconnect() -> bool:
+    """EventSource clients reconnect on their own and send back the last event id they saw;
+    answering such a request would make Dify answer, and bill, the same question twice."""
+    return "Last-Event-ID" in request.headers or "lastEventId" in request.args
+
+
 @bp.post("/chat")
 @require_session
 def chat() -> Response:
-    payload = chat_payload(read_json_object(), g.user_id)
+    if is_reconnect():
+        return Response(status=204)
+    return answer(chat_payload(read_json_object(), g.user_id))
+
+
+@bp.get("/chat")
+@require_session
+def chat_from_query() -> Response:
+    if is_reconnect():
+        return Response(status=204)
+    return answer(chat_payload(query_body(), g.user_id))
+
+
+def answer(payload: dict[str, Any]) -> Response:
     dify: Dify = current_app.extensions["dify_proxy.dify"]
     streaming = payload["response_mode"] == "streaming"
     upstream = dify.chat(payload, stream=streaming)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ class StreamStats:
     """What the request log line reports about a stream; filled in as it runs."""
 
     started: float = field(default_factory=time.perf_counter)
+    stream_id: bytes = field(default_factory=lambda: secrets.token_hex(6).encode())
     first_event: float | None = None
     events: int = 0
     bytes: int = 0
@@ -62,7 +64,7 @@ def relay(
     handoff: queue.Queue[bytes | _End] = queue.Queue()
     reader = threading.Thread(target=_read, args=(upstream, handoff, stats), daemon=True)
     try:
-        yield sse.FIRST_COMMENT
+        yield sse.event_id(stats.stream_id, 0) + sse.FIRST_COMMENT
         reader.start()
         while True:
             try:
@@ -123,6 +125,7 @@ def _read_events(upstream: requests.Response, handoff: queue.Queue, stats: Strea
                         _note_ids(stats, sse.event_data(event))
                     if kind in TERMINAL_EVENTS:
                         terminal = kind
+                    out.append(sse.event_id(stats.stream_id, stats.events))
                 out.append(event)
             handoff.put(b"".join(out))
     except Exception as exc:  # noqa: BLE001 -- a silent Dify, a reset, a broken chunk, our close
@@ -173,9 +176,11 @@ def _str(value: Any) -> str | None:
 
 def _upstream_failed(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:
     """End the client's stream the way Dify ends a failed one: a final `error` data event."""
+    stats.events += 1
     return _End(
         reason,
-        sse.data_event(
+        sse.event_id(stats.stream_id, stats.events)
+        + sse.data_event(
             {
                 "event": "error",
                 "conversation_id": stats.conversation_id,

@@ -32,6 +32,12 @@ class Settings:
     dify_read_timeout: float = 25.0
     heartbeat_interval: float = 15.0
     log_level: str = "INFO"
+    cors_origins: tuple[str, ...] = ()
+    supabase_auth_cookie: str | None = None
+    enable_demo: bool = False
+    dev_tokens: bool = False
+    app_info_ttl: float = 60.0
+    max_upload_bytes: int = 15 * 1024 * 1024
 
     def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
         return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
@@ -65,6 +71,39 @@ def _url(
     return value.rstrip("/")
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (_text(env, name) or "0").lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no"):
+        raise ConfigError(f"{name} must be 1 or 0")
+    return raw in ("1", "true", "yes")
+
+
+def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Exact origins (scheme://host[:port]); a typo here would silently refuse a front end."""
+    origins = []
+    for item in (_text(env, name) or "").split(","):
+        origin = item.strip().rstrip("/")
+        if not origin:
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise ConfigError(
+                f"{name} must list origins like https://app.example.com, comma-separated"
+            )
+        origins.append(origin)
+    return tuple(origins)
+
+
+def _auth_cookie(env: Mapping[str, str], supabase_url: str | None) -> str | None:
+    """`@supabase/ssr`'s default cookie name, `sb-<project-ref>-auth-token`."""
+    name = _text(env, "SUPABASE_AUTH_COOKIE")
+    if name:
+        return name
+    if supabase_url:
+        return f"sb-{urlsplit(supabase_url).hostname.split('.')[0]}-auth-token"
+    return None
+
+
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     raw = _text(env, name)
     if raw is None:
@@ -75,6 +114,33 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number of seconds, such as 15 or 0.5") from None
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number of seconds, such as 15 or 0.5")
+    return value
+
+
+def _ttl(env: Mapping[str, str], name: str, default: float) -> float:
+    """Seconds to cache something; 0 turns the cache off."""
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, such as 60 or 0") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be zero or a positive number of seconds, such as 60")
+    return value
+
+
+def _byte_count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive whole number of bytes, such as 15728640")
     return value
 
 
@@ -103,9 +169,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
 
+    dify_api_url = _url(env, "DIFY_API_URL", "https://api.dify.ai/v1", Settings.dify_api_url)
+    dev_tokens = _flag(env, "DEV_TOKENS")
+    if dev_tokens and urlsplit(dify_api_url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("DEV_TOKENS is only for the local Dify stand-in; unset it")
+
     return Settings(
         dify_api_key=api_key,
-        dify_api_url=_url(env, "DIFY_API_URL", "https://api.dify.ai/v1", Settings.dify_api_url),
+        dify_api_url=dify_api_url,
         supabase_jwt_secret=secret,
         supabase_url=supabase_url,
         supabase_jwt_audience=_text(env, "SUPABASE_JWT_AUDIENCE") or "authenticated",
@@ -113,4 +184,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         dify_read_timeout=_seconds(env, "DIFY_READ_TIMEOUT", Settings.dify_read_timeout),
         heartbeat_interval=_seconds(env, "HEARTBEAT_INTERVAL", Settings.heartbeat_interval),
         log_level=log_level,
+        cors_origins=_origins(env, "CORS_ORIGINS"),
+        supabase_auth_cookie=_auth_cookie(env, supabase_url),
+        enable_demo=_flag(env, "ENABLE_DEMO"),
+        dev_tokens=dev_tokens,
+        app_info_ttl=_ttl(env, "APP_INFO_TTL", Settings.app_info_ttl),
+        max_upload_bytes=_byte_count(env, "MAX_UPLOAD_BYTES", Settings.max_upload_bytes),
     )

@@ -65,6 +65,12 @@ def event_data(event: bytes) -> Any:
         return None
 
 
+def event_id(stream_id: bytes, seq: int) -> bytes:
+    """An `id:` line to put in front of an event. EventSource clients send the last one back
+    when they reconnect, which is how a reconnect is told apart from a new question."""
+    return b"id: %b-%d\n" % (stream_id, seq)
+
+
 def data_event(payload: dict[str, Any]) -> bytes:
     """Encode an event of our own the way current Dify does: compact JSON, raw UTF-8."""
     return (

@@ -59,7 +59,7 @@ def test_bad_input_gets_400_and_dify_is_never_called(proxy, standin):
 
 def test_unknown_path_and_wrong_method_are_json(proxy):
     assert requests.get(f"{proxy.url}/nope", timeout=5).json()["code"] == "not_found"
-    assert requests.get(f"{proxy.url}/api/chat", timeout=5).json()["code"] == "method_not_allowed"
+    assert requests.put(f"{proxy.url}/api/chat", timeout=5).json()["code"] == "method_not_allowed"
 
 
 def test_dify_receives_the_server_key_and_the_sessions_user(proxy, standin):

@@ -6,6 +6,8 @@ import json
 import socket
 import time
 
+import requests
+
 from tests.integration.conftest import HEARTBEAT, READ_TIMEOUT, scenario
 from tests.support import tokens
 from tests.support.sse_client import read_stream
@@ -14,7 +16,7 @@ SPECIAL_TEXT = "héllo \u2028 wörld \u0085 😀 — ✓"
 
 
 def first_data_event(received) -> bool:
-    return any(e.startswith(b"data:") for e in received.events())
+    return bool(received.data_events())
 
 
 def test_an_event_reaches_the_client_while_dify_still_holds_the_stream_open(proxy, standin):
@@ -31,7 +33,7 @@ def test_headers_and_a_first_comment_come_before_difys_first_event(proxy, standi
     received = read_stream(response)
     first_time, first_chunk = received.chunks[0]
     data_time = next(t for t, c in received.chunks if b"data:" in c)
-    assert first_chunk.startswith(b": ")
+    assert first_chunk.endswith(b"\n: stream open\n\n")
     assert data_time - first_time > 1.0
 
 
@@ -159,3 +161,28 @@ def test_blocking_mode_returns_difys_json(proxy, standin):
     assert response.status_code == 200
     assert response.json()["event"] == "message"
     assert response.json()["answer"].startswith("You said: hi")
+
+
+def test_every_event_has_a_unique_id_for_eventsource_clients(proxy, standin):
+    received = read_stream(proxy.chat(scenario(events=5, interval=0)))
+    ids = received.ids()
+    assert len(ids) == len(set(ids)) == 1 + 6  # the opening comment, 5 messages, message_end
+
+
+def test_a_get_streams_the_same_answer_for_eventsource_clients(proxy, standin):
+    response = requests.get(
+        f"{proxy.url}/api/chat",
+        params={"message": "hi", "inputs": json.dumps({"_standin": {"events": 2}})},
+        headers={"Authorization": f"Bearer {tokens.hs256()}"},
+        stream=True,
+        timeout=30,
+    )
+    received = read_stream(response)
+    assert [d["event"] for d in received.data()] == ["message", "message", "message_end"]
+
+
+def test_a_reconnect_is_204_and_dify_is_not_asked_again(proxy, standin):
+    received = read_stream(proxy.chat(scenario(events=1, interval=0)))
+    response = proxy.chat(scenario(events=1), headers={"Last-Event-ID": received.ids()[-1]})
+    assert response.status_code == 204
+    assert len(standin.chats()) == 1

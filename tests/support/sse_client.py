@@ -20,16 +20,25 @@ class Received:
         return b"".join(chunk for _, chunk in self.chunks)
 
     def events(self) -> list[bytes]:
+        """Each event block as sent, `id:` line included."""
         return [part + b"\n\n" for part in self.body.split(b"\n\n") if part]
 
     def data_events(self) -> list[bytes]:
-        return [e for e in self.events() if e.startswith(b"data:")]
+        """Each data event as Dify sent it: the block without the proxy's `id:` line."""
+        return [_without_id(e) for e in self.events() if b"data:" in e]
+
+    def ids(self) -> list[str]:
+        return [e.split(b"\n", 1)[0][4:].decode() for e in self.events() if e.startswith(b"id: ")]
 
     def data(self) -> list[dict]:
         return [json.loads(e[len(b"data: ") :]) for e in self.data_events()]
 
     def comments(self) -> list[bytes]:
-        return [e for e in self.events() if e.startswith(b":")]
+        return [_without_id(e) for e in self.events() if _without_id(e).startswith(b":")]
+
+
+def _without_id(event: bytes) -> bytes:
+    return event.split(b"\n", 1)[1] if event.startswith(b"id: ") else event
 
 
 def read_stream(

@@ -142,11 +142,80 @@ def test_a_stream_has_sse_headers_and_no_compression(client, auth, dify_stream):
     assert "Content-Encoding" not in response.headers
 
 
+def blocks(body: bytes) -> list[bytes]:
+    return [block for block in body.split(b"\n\n") if block]
+
+
 def test_a_stream_opens_with_a_comment_then_relays_difys_events(client, auth, dify_stream):
     body = post(client, auth, {"message": "hi"}).get_data()
-    assert body.startswith(b": ")
-    data_events = [e for e in body.split(b"\n\n") if e.startswith(b"data:")]
+    assert blocks(body)[0].split(b"\n")[1].startswith(b": ")
+    data_events = [b.split(b"\n", 1)[1] for b in blocks(body) if b"data:" in b]
     assert b"\n\n".join(data_events) + b"\n\n" == STREAM.replace(b"event: ping\n\n", b"")
+
+
+def test_every_data_event_carries_a_unique_id_line(client, auth, dify_stream):
+    body = post(client, auth, {"message": "hi"}).get_data()
+    data_blocks = [b for b in blocks(body) if b"data:" in b]
+    ids = [b.split(b"\n", 1)[0] for b in data_blocks]
+    assert all(i.startswith(b"id: ") for i in ids)
+    assert len(set(ids)) == len(ids) == 2
+
+
+def test_the_opening_comment_carries_an_id_so_an_early_drop_is_also_a_reconnect(
+    client, auth, dify_stream
+):
+    assert blocks(post(client, auth, {"message": "hi"}).get_data())[0].startswith(b"id: ")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_reconnect_with_last_event_id_is_204_and_never_reaches_dify(
+    client, auth, requests_mock, method
+):
+    response = client.open(
+        "/api/chat?message=hi",
+        method=method,
+        json={"message": "hi"},
+        headers={**auth, "Last-Event-ID": "abc-3"},
+    )
+    assert response.status_code == 204
+    assert requests_mock.call_count == 0
+
+
+def test_a_reconnect_with_last_event_id_in_the_query_is_204(client, auth, requests_mock):
+    response = client.get("/api/chat?message=hi&lastEventId=abc-3", headers=auth)
+    assert response.status_code == 204
+    assert requests_mock.call_count == 0
+
+
+def test_get_takes_the_question_from_the_query_string(client, auth, dify_stream):
+    response = client.get(
+        f"/api/chat?message=hi&conversation_id={CONVERSATION}&inputs=%7B%22a%22%3A1%7D",
+        headers=auth,
+    )
+    assert response.status_code == 200
+    assert dify_stream.last_request.json() == {
+        "query": "hi",
+        "inputs": {"a": 1},
+        "user": tokens.USER_ID,
+        "response_mode": "streaming",
+        "conversation_id": CONVERSATION,
+    }
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "message=",
+        "message=hi&inputs=nope",
+        "message=hi&inputs=%5B%5D",
+        "message=hi&conversation_id=x",
+    ],
+)
+def test_get_with_a_bad_query_is_400_and_never_reaches_dify(client, auth, requests_mock, query):
+    response = client.get(f"/api/chat?{query}", headers=auth)
+    assert response.status_code == 400
+    assert requests_mock.call_count == 0
 
 
 def test_difys_ping_becomes_a_comment(client, auth, dify_stream):
