@@ -1,16 +1,22 @@
-"""Gunicorn settings for long-lived SSE streams (read by the Procfile and the dev scripts).
+"""Gunicorn settings for long-lived SSE streams (used by the Procfile and scripts/run).
 
 The default `sync` worker holds one request per process and kills it at `timeout`, which ends
 every long answer; gevent's worker holds thousands of open streams in one process.
+
+This file runs in the master, before any worker forks: it must not import Flask, requests,
+prometheus_client or anything else that loads `ssl` before gevent patches it in the workers.
 """
 
+import glob
 import os
+import shutil
 import sys
+import tempfile
 
 from dify_proxy.settings import ConfigError, load_settings
 
-# Check the configuration in the master, before any worker forks: a bad variable then stops
-# start-up with one line instead of a traceback from every worker.
+# Check the configuration here: a bad variable then stops start-up with one line instead of a
+# traceback from every worker.
 try:
     load_settings()
 except ConfigError as exc:
@@ -19,14 +25,64 @@ except ConfigError as exc:
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 worker_class = "gevent"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# One worker per core: a gevent worker is one thread, so more workers than cores only adds
+# context switches. Heroku sets WEB_CONCURRENCY from the dyno size.
+workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
+# Open connections per worker: each open stream is one (plus its connection to Dify).
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "5000"))
-# Heroku's router closes an idle client connection after 55 s; a stream is never idle that
-# long (heartbeats), and between requests a short keep-alive frees the slot sooner.
+backlog = 4096
+# Heroku's router keeps idle client connections 90 s and needs some byte every 55 s on a
+# response: streams send keep-alives (HEARTBEAT_INTERVAL), and between requests a short
+# keep-alive frees the slot.
 keepalive = 5
 # For gevent workers `timeout` only bounds a blocked event loop, not a request's length.
 timeout = 30
+# A deploy's SIGTERM: open streams get a final "server restarting" error event at once (see
+# post_worker_init), then the worker waits up to this long for them to finish closing.
+# Heroku sends SIGKILL 30 s after SIGTERM.
 graceful_timeout = 20
 accesslog = None  # the app writes its own request line, without query strings
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+# Prometheus multiprocess mode: every worker writes its samples under this directory, and
+# /metrics sums them. A fresh directory per start, so a restart does not add old counts.
+_own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-metrics-")
+else:
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+
+def post_worker_init(worker):
+    """On SIGTERM, end this worker's open streams with a final error event saying the server is
+    restarting (a browser can then ask again), instead of a silent cut when the graceful
+    timeout runs out. The signal handler only hands the work to a greenlet."""
+    import signal
+    import threading
+
+    from dify_proxy.relay import drain
+
+    stop_accepting = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        stop_accepting(sig, frame)
+        threading.Thread(target=drain, daemon=True).start()
+
+    worker.handle_exit = handle_exit
+    signal.signal(signal.SIGTERM, handle_exit)
+
+
+def child_exit(server, worker):
+    """What prometheus_client.multiprocess.mark_process_dead does, without importing it here
+    (see the module docstring): a dead worker's open-stream gauge must stop counting."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for mode in ("liveall", "livesum", "livemax", "livemin", "livemostrecent"):
+        for path in glob.glob(os.path.join(directory, f"gauge_{mode}_{worker.pid}.db")):
+            os.remove(path)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -24,9 +24,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, chat, errors, requestlog
+    from . import api, chat, errors, limits, metrics, requestlog
     from .auth import Verifier
     from .dify import Dify
+    from .quotas import Quotas
 
     settings = settings or load_settings()
     app = Flask(__name__)
@@ -38,6 +39,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.extensions["dify_proxy.verifier"] = Verifier(settings)
     app.extensions["dify_proxy.dify"] = Dify(settings)
+    quotas = app.extensions["dify_proxy.quotas"] = Quotas(
+        settings.redis_url,
+        max_streams=settings.max_streams_per_user,
+        lease_seconds=settings.stream_lease_seconds,
+        daily_token_budget=settings.daily_token_budget,
+    )
+    limits.init_app(app, settings)
 
     if settings.cors_origins:
         CORS(
@@ -45,15 +53,41 @@ def create_app(settings: Settings | None = None) -> Flask:
             resources={r"/api/*": {"origins": list(settings.cors_origins)}},
             supports_credentials=True,
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-            expose_headers=["Retry-After"],
+            expose_headers=[
+                "Retry-After",
+                "X-Request-ID",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+            ],
             max_age=600,
         )
     errors.register_error_handlers(app)
     app.register_blueprint(chat.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(metrics.bp)
+    if settings.enable_demo:
+        from . import demo
+
+        app.register_blueprint(demo.create_blueprint(settings))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
+        """Liveness: answers while the process serves requests; touches nothing else."""
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, object]:
+        """Readiness: configuration (checked at start) and Redis; never Dify.
+
+        A Redis outage is reported but still ready: chat keeps working on per-process limits,
+        and taking every instance out of rotation because a shared Redis is down would turn a
+        degraded service into no service.
+        """
+        redis_state = "not configured"
+        if settings.redis_url:
+            redis_state = "ok" if quotas.check_redis() else "unavailable"
+        status = "degraded" if redis_state == "unavailable" else "ok"
+        return {"status": status, "checks": {"config": "ok", "redis": redis_state}}
 
     return app

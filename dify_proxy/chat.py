@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import requests
 from flask import Blueprint, Response, current_app, g, request
 
+from . import metrics
 from .auth import require_session
 from .dify import Dify
 from .errors import ApiError
+from .limits import per_user
+from .quotas import Quotas
 from .relay import StreamStats, relay
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
@@ -117,6 +122,7 @@ def is_reconnect() -> bool:
 
 @bp.post("/chat")
 @require_session
+@per_user(exempt_when=is_reconnect)
 def chat() -> Response:
     if is_reconnect():
         return Response(status=204)
@@ -125,6 +131,7 @@ def chat() -> Response:
 
 @bp.get("/chat")
 @require_session
+@per_user(exempt_when=is_reconnect)
 def chat_from_query() -> Response:
     if is_reconnect():
         return Response(status=204)
@@ -132,24 +139,76 @@ def chat_from_query() -> Response:
 
 
 def answer(payload: dict[str, Any]) -> Response:
+    """Call Dify within the user's limits and relay what it says."""
+    settings = current_app.config["SETTINGS"]
+    quotas: Quotas = current_app.extensions["dify_proxy.quotas"]
     dify: Dify = current_app.extensions["dify_proxy.dify"]
+    user = g.user_id
+    if quotas.over_budget(user):
+        metrics.RATE_LIMITED.labels("tokens").inc()
+        raise ApiError(
+            429,
+            "token_budget_exceeded",
+            "Today's token budget is used up; it renews at 00:00 UTC.",
+            {"Retry-After": str(_seconds_to_midnight_utc())},
+        )
+    lease = quotas.acquire_stream(user)
+    if lease is None:
+        metrics.RATE_LIMITED.labels("streams").inc()
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"At most {settings.max_streams_per_user} answers at a time; "
+            "wait for one to finish or stop it.",
+            {"Retry-After": "5"},
+        )
     streaming = payload["response_mode"] == "streaming"
-    upstream = dify.chat(payload, stream=streaming)
+    try:
+        upstream = dify.chat(payload, stream=streaming)
+    except BaseException:
+        quotas.release_stream(user, lease)
+        raise
     if not streaming or not _is_event_stream(upstream):
         with upstream:
+            quotas.release_stream(user, lease)
             try:
-                json.loads(upstream.content)
+                body = json.loads(upstream.content)
             except ValueError:
                 raise ApiError(
                     502, "upstream_error", "The chat service sent an unreadable answer."
                 ) from None
+            _count_tokens(quotas, user, (body.get("metadata") or {}).get("usage"))
             return Response(upstream.content, status=200, content_type="application/json")
+
+    renew_every = settings.stream_lease_seconds / 3
+    renewed_at = time.monotonic()
+
+    def renew_lease() -> None:
+        nonlocal renewed_at
+        if time.monotonic() - renewed_at >= renew_every:
+            renewed_at = time.monotonic()
+            quotas.renew_stream(user, lease)
+
+    def finish(stats: StreamStats) -> None:
+        quotas.release_stream(user, lease)
+        _count_tokens(quotas, user, stats.usage)
+        metrics.OPEN_STREAMS.dec()
+        metrics.STREAM_ENDS.labels(stats.end).inc()
+        metrics.STREAM_DURATION.observe(time.perf_counter() - stats.started)
+        if stats.first_event is not None:
+            metrics.TIME_TO_FIRST_BYTE.observe(stats.first_event - stats.started)
+        if stats.end in ("upstream_dropped", "timeout", "upstream_error"):
+            metrics.UPSTREAM_ERRORS.labels(f"stream_{stats.end}").inc()
+
     stats = g.stream_stats = StreamStats(started=g.started)
+    metrics.OPEN_STREAMS.inc()
     body = relay(
         upstream,
-        heartbeat_interval=current_app.config["SETTINGS"].heartbeat_interval,
-        stop=functools.partial(dify.stop, user=g.user_id),
+        heartbeat_interval=settings.heartbeat_interval,
+        stop=functools.partial(dify.stop, user=user, request_id=g.get("request_id")),
         stats=stats,
+        on_tick=renew_lease,
+        on_end=finish,
     )
     return Response(
         body,
@@ -157,6 +216,19 @@ def answer(payload: dict[str, Any]) -> Response:
         content_type="text/event-stream; charset=utf-8",
         headers=STREAM_HEADERS,
     )
+
+
+def _count_tokens(quotas: Quotas, user: str, usage: Any) -> None:
+    tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+    if isinstance(tokens, int) and tokens > 0:
+        metrics.TOKENS.inc(tokens)
+        quotas.add_tokens(user, tokens)
+
+
+def _seconds_to_midnight_utc() -> int:
+    now = datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, int((midnight - now).total_seconds()))
 
 
 def _is_event_stream(upstream: requests.Response) -> bool:

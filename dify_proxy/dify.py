@@ -8,9 +8,11 @@ app, Dify down) become 502/504: the user's session is fine, so never a 401.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import requests
+from flask import g, has_request_context
 from requests.adapters import HTTPAdapter
 
 from .errors import ApiError
@@ -20,6 +22,9 @@ log = logging.getLogger(__name__)
 
 PASS_THROUGH_STATUSES = frozenset({400, 404, 413, 415, 429})
 STOP_TIMEOUT_SECONDS = 5.0
+# What `call` accepts as a path: segments of letters, digits, `-` and `_` only, so nothing a
+# caller built from a request can climb out of the API (`..`), smuggle a query, or add a segment.
+SAFE_PATH = re.compile(r"(?:/[A-Za-z0-9_-]+)+")
 
 
 def new_session(pool_size: int = 1000) -> requests.Session:
@@ -47,13 +52,37 @@ class Dify:
         """
         return self._request("POST", "/chat-messages", json=payload, stream=stream)
 
-    def stop(self, task_id: str, user: str) -> None:
-        """Best effort: a failure is logged, never raised, since the client is already gone."""
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        """Any other service API call (`path` under the base URL, e.g. `/conversations`).
+
+        Errors map exactly as for `chat`; `path` must already be validated (see `SAFE_PATH`).
+        """
+        if not SAFE_PATH.fullmatch(path):
+            raise ValueError(f"unsafe Dify path: {path!r}")
+        return self._request(
+            method, path, params=params, json=json, data=data, headers=headers, stream=stream
+        )
+
+    def stop(self, task_id: str, user: str, request_id: str | None = None) -> None:
+        """Best effort: a failure is logged, never raised, since the client is already gone.
+
+        It runs after the request has ended, so the request id is handed over explicitly.
+        """
         try:
             response = self.session.post(
                 f"{self.base_url}/chat-messages/{task_id}/stop",
                 json={"user": user},
-                headers=self._auth,
+                headers={**_request_id_header(request_id), **self._auth},
                 timeout=(self.timeout[0], STOP_TIMEOUT_SECONDS),
             )
             response.close()
@@ -62,10 +91,16 @@ class Dify:
         except requests.RequestException as exc:
             log.warning("dify stop failed: %s", type(exc).__name__)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+    def _request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> requests.Response:
         try:
             response = self.session.request(
-                method, self.base_url + path, headers=self._auth, timeout=self.timeout, **kwargs
+                method,
+                self.base_url + path,
+                headers={**(headers or {}), **_request_id_header(), **self._auth},
+                timeout=self.timeout,
+                **kwargs,
             )
         except requests.Timeout as exc:
             # A ConnectTimeout is a Timeout too, but it means Dify is unreachable, not slow.
@@ -89,6 +124,13 @@ class Dify:
             raise upstream_error(response)
         finally:
             response.close()
+
+
+def _request_id_header(request_id: str | None = None) -> dict[str, str]:
+    """Dify's logs can then be matched with ours (`X-Request-ID`)."""
+    if request_id is None and has_request_context():
+        request_id = g.get("request_id")
+    return {"X-Request-ID": request_id} if request_id else {}
 
 
 def upstream_error(response: requests.Response) -> ApiError:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,17 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     413: "request_too_large",
     415: "unsupported_media_type",
+    429: "too_many_requests",
 }
 
 
 def _api_error(error: ApiError) -> Response:
+    if error.code.startswith("upstream_"):
+        from . import metrics  # imported here: errors.py is used by code that has no metrics
+
+        metrics.UPSTREAM_ERRORS.labels(error.code).inc()
+    if "Retry-After" in error.headers:
+        g.retry_after = error.headers["Retry-After"]  # see limits.keep_explicit_retry_after
     return error_response(error.status, error.code, error.message, error.headers)
 
 
@@ -57,6 +64,8 @@ def _http_error(error: HTTPException) -> Response:
         headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
     if status == 413:
         message = "Request body is too large."
+    elif status == 429:  # Flask-Limiter's RateLimitExceeded: the description is the limit
+        message = f"Too many requests (limit: {error.description}); try again later."
     else:
         message = error.description or error.name
     return error_response(status, code, message, headers)

@@ -28,6 +28,7 @@ from . import sse
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+_open: dict[queue.Queue, StreamStats] = {}  # every stream this process is relaying now
 TERMINAL_EVENTS = frozenset({"message_end", "error"})
 
 
@@ -59,10 +60,17 @@ def relay(
     heartbeat_interval: float,
     stop: Callable[[str], None],
     stats: StreamStats,
+    on_tick: Callable[[], None] = lambda: None,
+    on_end: Callable[[StreamStats], None] = lambda stats: None,
 ) -> Iterator[bytes]:
-    """Yield the client's bytes: a first comment at once, then Dify's events unchanged."""
+    """Yield the client's bytes: a first comment at once, then Dify's events unchanged.
+
+    `on_tick` runs at least once per heartbeat interval while the stream is open (to renew a
+    lease); `on_end` runs once when it closes, however it ended.
+    """
     handoff: queue.Queue[bytes | _End] = queue.Queue()
     reader = threading.Thread(target=_read, args=(upstream, handoff, stats), daemon=True)
+    _open[handoff] = stats
     try:
         yield sse.event_id(stats.stream_id, 0) + sse.FIRST_COMMENT
         reader.start()
@@ -70,6 +78,7 @@ def relay(
             try:
                 item = handoff.get(timeout=heartbeat_interval)
             except queue.Empty:
+                on_tick()
                 yield sse.KEEPALIVE
                 continue
             if isinstance(item, _End):
@@ -80,17 +89,40 @@ def relay(
             if stats.first_event is None:
                 stats.first_event = time.perf_counter()
             stats.bytes += len(item)
+            on_tick()
             yield item
     except GeneratorExit:
         stats.end = "client_gone"
         raise
     finally:
+        _open.pop(handoff, None)
         if reader.is_alive():
             _hang_up(upstream)  # the reader owns the response and closes it on its way out
         else:
             upstream.close()
         if stats.task_id and stats.end not in ("completed", "upstream_error"):
             threading.Thread(target=stop, args=(stats.task_id,), daemon=True).start()
+        on_end(stats)
+
+
+def drain() -> int:
+    """End every open stream with a final error event saying the server is restarting.
+
+    Called when a worker is told to stop (a deploy's SIGTERM), so browsers see why the answer
+    ended and can ask again, instead of a silent cut when the graceful timeout runs out.
+    """
+    streams = list(_open.items())
+    for handoff, stats in streams:
+        handoff.put(
+            _upstream_failed(
+                stats,
+                "server_restarting",
+                503,
+                "server_restarting",
+                "The server is restarting; the answer is incomplete. Please ask again.",
+            )
+        )
+    return len(streams)
 
 
 def _read(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats) -> None:

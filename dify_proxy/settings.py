@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -15,6 +16,9 @@ from urllib.parse import urlsplit
 from dotenv import load_dotenv
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The grammar of the `limits` package, checked here without importing it: the master process
+# must not import anything that loads `ssl` before gevent patches it.
+_RATE_ITEM = re.compile(r"\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*")
 
 
 class ConfigError(Exception):
@@ -38,6 +42,12 @@ class Settings:
     dev_tokens: bool = False
     app_info_ttl: float = 60.0
     max_upload_bytes: int = 15 * 1024 * 1024
+    rate_limit: str | None = "20/minute;300/day"
+    redis_url: str | None = None
+    max_streams_per_user: int = 3
+    stream_lease_seconds: float = 60.0
+    daily_token_budget: int = 0
+    metrics_token: str | None = None
 
     def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
         return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
@@ -69,6 +79,26 @@ def _url(
     if not path and parts.path.strip("/"):
         raise ConfigError(f"{name} must be the project URL without a path, such as {example}")
     return value.rstrip("/")
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise ConfigError(f"{name} must be a whole number, 0 or more")
+    return int(raw)
+
+
+def _rate_limit(env: Mapping[str, str]) -> str | None:
+    raw = _text(env, "RATE_LIMIT")
+    if raw is None:
+        return Settings.rate_limit
+    if raw.lower() in ("off", "0", "none"):
+        return None
+    if not all(_RATE_ITEM.fullmatch(item) for item in raw.split(";")):
+        raise ConfigError("RATE_LIMIT must look like 20/minute;300/day, or be off")
+    return raw
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -190,4 +220,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         dev_tokens=dev_tokens,
         app_info_ttl=_ttl(env, "APP_INFO_TTL", Settings.app_info_ttl),
         max_upload_bytes=_byte_count(env, "MAX_UPLOAD_BYTES", Settings.max_upload_bytes),
+        rate_limit=_rate_limit(env),
+        redis_url=_redis_url(env),
+        max_streams_per_user=_count(env, "MAX_STREAMS_PER_USER", Settings.max_streams_per_user),
+        stream_lease_seconds=_seconds(env, "STREAM_LEASE_SECONDS", Settings.stream_lease_seconds),
+        daily_token_budget=_count(env, "DAILY_TOKEN_BUDGET", 0),
+        metrics_token=_text(env, "METRICS_TOKEN"),
     )
+
+
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    value = _text(env, "REDIS_URL")
+    if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+    return value

@@ -1,10 +1,15 @@
-"""Local stand-in for Dify's service API (chat-messages and stop), standard library only.
+"""Local stand-in for Dify's service API (a chat app's calls), standard library only.
 
 Why: the proxy has to be tested and benchmarked against real HTTP/1.1 over TCP (real chunk
 boundaries, half events, abrupt disconnects, long silent streams), which mocked `requests`
 cannot produce and real Dify cannot be scripted or loaded to produce. Each request picks its
 behaviour through `inputs["_standin"]` (see `_Knobs`), so one running instance serves every test
 and benchmark scenario. The wire format follows /work/shared/dify-protocol.md.
+
+Besides chat and stop it serves the rest of a chat app's API (conversations, messages, feedback,
+suggestions, file and audio uploads, text-to-audio, parameters/meta/info), with conversations
+and messages kept in memory per `user` as Dify scopes them: another user's conversation is a 404.
+Uploads are parsed as they arrive (`_Multipart`), so a large one is counted, never held.
 
 Run: python -m dify_proxy.standin [--host 127.0.0.1] [--port 0] [--api-key KEY]
 """
@@ -27,6 +32,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs
 
 DEFAULT_API_KEY = "app-standin-dev-key"
 MAX_HEAD = 64 * 1024
@@ -40,6 +46,16 @@ STREAM_HEAD = (
 ENDS = ("message_end", "error", "drop", "drop_mid_event", "hang")
 WORD = re.compile(r"\s*\S+\s*")
 STOP_PATH = re.compile(r"/v1/chat-messages/([^/]+)/stop")
+UPLOAD_PATHS = ("/v1/files/upload", "/v1/audio-to-text")
+MAX_UPLOAD_BODY = 1024 * 1024 * 1024  # upload bodies are parsed as they arrive, never held
+MAX_FILE = 64 * 1024 * 1024  # Dify's own limits are configurable; these are generous
+MAX_AUDIO = 30 * 1024 * 1024
+MAX_FIELD = 64 * 1024  # a non-file multipart field
+MAX_RECORDS = 10_000  # conversations and messages kept; the oldest go first (benchmarks)
+BLOCKED_EXTENSIONS = ("bat", "exe", "sh")
+SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
+PARAM = re.compile(r';\s*([\w*-]+)=(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')  # name="x"; filename=y
+FAKE_AUDIO = (b"ID3\x04\x00\x00\x00\x00\x00\x00", b"\xff\xf3\x44\xc4" * 512, b"\xff\xf3" * 256)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -150,6 +166,14 @@ class _Conn:
         del self.buf[: end + 4]
         return head
 
+    async def read_some(self, n: int) -> bytes:
+        """At most `n` bytes of a body read piece by piece (at least one byte)."""
+        if not self.buf and not await self.fill():
+            raise ConnectionResetError("client closed inside the request body")
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
     async def read_body(self, n: int) -> bytes:
         while len(self.buf) < n:
             if not await self.fill():
@@ -157,6 +181,223 @@ class _Conn:
         body = bytes(self.buf[:n])
         del self.buf[:n]
         return body
+
+
+class _Multipart:
+    """An incremental multipart/form-data parser: `feed` it the body in any slices.
+
+    Non-file fields are kept (up to MAX_FIELD), file parts only counted, and the buffer never
+    holds more than one slice plus a delimiter, so a 1 GB upload costs what a 1 KB one does.
+    """
+
+    def __init__(self, content_type: str) -> None:
+        match = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type)
+        self.error: _HTTPError | None = None
+        if not content_type.lower().startswith("multipart/form-data") or match is None:
+            self.error = _HTTPError(415, "unsupported_media_type", "Send multipart/form-data.")
+        boundary = (match[1] or match[2]) if match else "-"
+        self.delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self.buf = bytearray(b"\r\n")  # so the first delimiter looks like every other one
+        self.state = "preamble"  # then: delimiter, headers, content, ..., done
+        self.fields: dict[str, str] = {}
+        self.files: list[dict[str, Any]] = []
+        self._part: dict[str, Any] | None = None
+        self._value = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        if self.error is not None or self.state == "done":
+            return  # the rest of the body is read and dropped
+        self.buf += data
+        while self.error is None:
+            if self.state in ("preamble", "content"):
+                end = self.buf.find(self.delimiter)
+                if end < 0:  # keep what could be the start of a delimiter
+                    n = max(0, len(self.buf) - len(self.delimiter) + 1)
+                    self._content(self.buf[:n])
+                    del self.buf[:n]
+                    return
+                self._content(self.buf[:end])
+                del self.buf[: end + len(self.delimiter)]
+                self._end_part()
+                self.state = "delimiter"
+            elif self.state == "delimiter":
+                if len(self.buf) < 2:
+                    return
+                if self.buf[:2] == b"--":
+                    self.state = "done"
+                else:
+                    line_end = self.buf.find(b"\r\n")  # transport padding may precede it
+                    if line_end < 0:
+                        return
+                    del self.buf[: line_end + 2]
+                    self.state = "headers"
+            elif self.state == "headers":
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buf) > MAX_HEAD:
+                        self.error = _bad("multipart part headers too large")
+                    return
+                self._start_part(bytes(self.buf[:end]))
+                del self.buf[: end + 4]
+                self.state = "content"
+            else:  # done: an epilogue is ignored
+                self.buf.clear()
+                return
+
+    def finish(self) -> None:
+        if self.error is None and self.state != "done":
+            self.error = _bad("the multipart body is incomplete")
+        if self.error is not None:
+            raise self.error
+
+    def _start_part(self, head: bytes) -> None:
+        headers = {}
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        disposition = headers.get("content-disposition", "")
+        params = {m[1].lower(): m[3] if m[2] is None else m[2] for m in PARAM.finditer(disposition)}
+        self._part = {
+            "field": params.get("name"),
+            "filename": params.get("filename"),
+            "content_type": headers.get("content-type", ""),
+            "size": 0,
+        }
+        self._value.clear()
+
+    def _content(self, data: bytes | bytearray) -> None:
+        part = self._part
+        if part is None or not data:
+            return  # the preamble
+        part["size"] += len(data)
+        if part["filename"] is None:
+            if part["size"] > MAX_FIELD:
+                self.error = _HTTPError(413, "request_entity_too_large", "field too large")
+            else:
+                self._value += data
+
+    def _end_part(self) -> None:
+        part, self._part = self._part, None
+        if part is None or part["field"] is None:
+            return
+        if part["filename"] is None:
+            self.fields[part["field"]] = self._value.decode("utf-8", "replace")
+        else:
+            self.files.append(part)
+
+
+def _remember(store: dict[str, dict[str, Any]], key: str, record: dict[str, Any]) -> None:
+    store[key] = record
+    while len(store) > MAX_RECORDS:
+        del store[next(iter(store))]
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as Dify shows it: the stand-in's own keys start with `_`."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def _preview(pieces: Iterable[str], limit: int = 10_000) -> str:
+    """The start of an answer, without building a benchmark's megabytes of it."""
+    out: list[str] = []
+    size = 0
+    for piece in pieces:
+        out.append(piece[: limit - size])
+        size += len(out[-1])
+        if size >= limit:
+            break
+    return "".join(out)
+
+
+def _user(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _bad("user is required and must be a non-empty string")
+    return value
+
+
+class _ApiCall:
+    """One request to the non-chat API: its query, JSON body and multipart form."""
+
+    def __init__(self, query: str, body: Any, form: _Multipart | None) -> None:
+        parsed = parse_qs(query, keep_blank_values=True)
+        self.query = {k: v[0] for k, v in parsed.items()}
+        self.body, self.form = body, form
+
+    def json(self) -> dict[str, Any]:
+        if not isinstance(self.body, dict):
+            raise _bad("the body must be a JSON object")
+        return self.body
+
+    def limit(self) -> int:
+        raw = self.query.get("limit") or "20"
+        if not raw.isdigit() or not 1 <= int(raw) <= 100:
+            raise _bad("limit must be an integer from 1 to 100")
+        return int(raw)
+
+    def upload(self, missing: _HTTPError) -> tuple[str, dict[str, Any]]:
+        """The uploading user and the one `file` part, checked as Dify checks them."""
+        assert self.form is not None
+        self.form.finish()
+        user = _user(self.form.fields.get("user"))
+        files = [f for f in self.form.files if f["field"] == "file"]
+        if not files:
+            raise missing
+        if len(self.form.files) > 1:
+            raise _HTTPError(400, "too_many_files", "Only one file is allowed.")
+        if not files[0]["filename"]:
+            raise _HTTPError(
+                400, "filename_not_exists_error", "The specified filename does not exist."
+            )
+        return user, files[0]
+
+
+API_ROUTES = (
+    ("GET", re.compile(r"/v1/conversations"), "_list_conversations"),
+    ("POST", re.compile(r"/v1/conversations/([^/]+)/name"), "_rename_conversation"),
+    ("DELETE", re.compile(r"/v1/conversations/([^/]+)"), "_delete_conversation"),
+    ("GET", re.compile(r"/v1/messages"), "_list_messages"),
+    ("POST", re.compile(r"/v1/messages/([^/]+)/feedbacks"), "_feedback"),
+    ("GET", re.compile(r"/v1/messages/([^/]+)/suggested"), "_suggested"),
+    ("POST", re.compile(r"/v1/files/upload"), "_upload"),
+    ("POST", re.compile(r"/v1/audio-to-text"), "_audio_to_text"),
+    ("POST", re.compile(r"/v1/text-to-audio"), "_text_to_audio"),
+    ("GET", re.compile(r"/v1/(parameters|meta|info)"), "_app_info"),
+)
+APP_INFO: dict[str, Any] = {
+    "parameters": {
+        "opening_statement": "Hello from the local Dify stand-in.",
+        "suggested_questions": ["What can you do?"],
+        "suggested_questions_after_answer": {"enabled": True},
+        "speech_to_text": {"enabled": True},
+        "text_to_speech": {"enabled": True, "voice": "alloy", "language": "en-US"},
+        "retriever_resource": {"enabled": False},
+        "annotation_reply": {"enabled": False},
+        "more_like_this": {"enabled": False},
+        "sensitive_word_avoidance": {"enabled": False},
+        "user_input_form": [],
+        "file_upload": {
+            "image": {
+                "enabled": True,
+                "number_limits": 3,
+                "transfer_methods": ["remote_url", "local_file"],
+            }
+        },
+        "system_parameters": {
+            "file_size_limit": MAX_FILE // 2**20,
+            "image_file_size_limit": 10,
+            "audio_file_size_limit": MAX_AUDIO // 2**20,
+            "video_file_size_limit": 100,
+        },
+    },
+    "meta": {"tool_icons": {}},
+    "info": {
+        "name": "Dify stand-in",
+        "description": "A local stand-in for a Dify chat app.",
+        "tags": [],
+        "mode": "chat",
+        "author_name": "dify-proxy",
+    },
+}
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str], bool]:
@@ -261,6 +502,9 @@ class StandIn:
         self._key = api_key.encode()
         self.calls: list[dict[str, Any]] = []
         self.tasks: dict[str, _Task] = {}
+        self.conversations: dict[str, dict[str, Any]] = {}  # by id; each has its "user"
+        self.messages: dict[str, dict[str, Any]] = {}
+        self._seq = itertools.count()  # orders records created within the same second
         self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
@@ -354,11 +598,12 @@ class StandIn:
                 length = int(headers.get("content-length", "0"))
             except ValueError:
                 raise _HTTPError(400, "bad_request", "bad Content-Length", close=True) from None
-            if not 0 <= length <= MAX_BODY:
+            streamed = method == "POST" and path in UPLOAD_PATHS  # parsed below, as it arrives
+            if not 0 <= length <= (MAX_UPLOAD_BODY if streamed else MAX_BODY):
                 raise _HTTPError(413, "request_entity_too_large", "body too large", close=True)
             if length and headers.get("expect", "").lower() == "100-continue":
                 conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = await conn.read_body(length)
+            body = b"" if streamed else await conn.read_body(length)
         except _HTTPError as e:
             await self._send(conn, e.status, e.body(), keep=False)
             return False
@@ -387,6 +632,7 @@ class StandIn:
             "ended_at": None,
         }
         self.calls.append(rec)
+        form = await self._read_form(conn, headers, length, rec) if streamed else None
         try:
             if not auth_ok:
                 raise _HTTPError(401, "unauthorized", "Access token is invalid")
@@ -397,7 +643,7 @@ class StandIn:
                 return await self._chat(conn, rec, parsed, keep)
             if match:
                 return await self._stop(conn, rec, parsed, match[1], keep)
-            raise _HTTPError(404, "not_found", "The requested URL was not found on the server.")
+            return await self._api(conn, rec, method, path, query, parsed, form, keep)
         except _HTTPError as e:
             return await self._reply(conn, rec, e.status, e.body(), keep and not e.close)
 
@@ -407,6 +653,8 @@ class StandIn:
             body = _dumps(self.calls)
         elif (method, path) == ("POST", "/_standin/reset"):
             self.calls.clear()
+            self.conversations.clear()
+            self.messages.clear()
             body = b'{"result":"success"}'
         elif (method, path) == ("GET", "/_standin/open"):
             n = sum(t.streaming and t.record["stream_end"] is None for t in self.tasks.values())
@@ -431,6 +679,231 @@ class StandIn:
             task.interrupt()
         return await self._reply(conn, rec, 200, b'{"result":"success"}', keep)
 
+    async def _read_form(
+        self, conn: _Conn, headers: dict[str, str], length: int, rec: dict[str, Any]
+    ) -> _Multipart:
+        """Read an upload's body to its end, parsing as it arrives; the call log gets the form
+        fields (`user` among them) and each file's name, type and size."""
+        form = _Multipart(headers.get("content-type", ""))
+        remaining = length
+        while remaining:
+            data = await conn.read_some(min(remaining, 65536))
+            remaining -= len(data)
+            form.feed(data)
+        rec["form"] = form.fields
+        rec["files"] = [dict(f) for f in form.files]
+        return form
+
+    def _remember_chat(self, task: _Task, inputs: dict[str, Any], query: str, k: _Knobs) -> None:
+        """What Dify's conversation and message lists show once this chat has run."""
+        now, seq = task.created_at, next(self._seq)
+        conversation = self.conversations.get(task.conversation_id)
+        if conversation is None:
+            conversation = {
+                "id": task.conversation_id,
+                "name": query[:40] or "New conversation",
+                "inputs": inputs,
+                "status": "normal",
+                "introduction": "",
+                "created_at": now,
+                "_user": task.user,
+                "_created": (now, seq),
+            }
+        conversation.update(updated_at=now, _updated=(now, seq))
+        _remember(self.conversations, task.conversation_id, conversation)
+        message = {
+            "id": task.message_id,
+            "conversation_id": task.conversation_id,
+            "parent_message_id": None,
+            "inputs": inputs,
+            "query": query,
+            "answer": _preview(k.answers(query)[0]),
+            "message_files": [],
+            "feedback": None,
+            "retriever_resources": [],
+            "agent_thoughts": [],
+            "status": "normal",
+            "error": None,
+            "created_at": now,
+            "_user": task.user,
+        }
+        _remember(self.messages, task.message_id, message)
+
+    def _conversation(self, conversation_id: str, user: str) -> dict[str, Any]:
+        found = self.conversations.get(conversation_id)
+        if found is None or found["_user"] != user:
+            raise _HTTPError(404, "not_found", "Conversation Not Exists.")
+        return found
+
+    def _message(self, message_id: str, user: str) -> dict[str, Any]:
+        found = self.messages.get(message_id)
+        if found is None or found["_user"] != user:
+            raise _HTTPError(404, "not_found", "Message Not Exists.")
+        return found
+
+    async def _api(
+        self,
+        conn: _Conn,
+        rec: dict[str, Any],
+        method: str,
+        path: str,
+        query: str,
+        body: Any,
+        form: _Multipart | None,
+        keep: bool,
+    ) -> bool:
+        """The non-chat calls: each handler answers (status, JSON), (204, None) or audio."""
+        for route_method, pattern, name in API_ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if method != route_method:
+                raise _HTTPError(405, "method_not_allowed", "Method not allowed here.")
+            status, answer = getattr(self, name)(_ApiCall(query, body, form), *match.groups())
+            if isinstance(answer, tuple):
+                return await self._audio(conn, rec, answer, keep)
+            if answer is None:
+                rec["status"] = status
+                conn.writer.write(
+                    b"HTTP/1.1 %d No Content\r\nConnection: %s\r\n\r\n"
+                    % (status, b"keep-alive" if keep else b"close")
+                )
+                await conn.writer.drain()
+                rec["ended_at"] = time.time()
+                return keep
+            return await self._reply(conn, rec, status, _dumps(answer), keep)
+        raise _HTTPError(404, "not_found", "The requested URL was not found on the server.")
+
+    async def _audio(
+        self, conn: _Conn, rec: dict[str, Any], chunks: tuple[bytes, ...], keep: bool
+    ) -> bool:
+        """Audio as Dify's text-to-audio sends it: chunked, a piece at a time."""
+        rec["status"] = 200
+        conn.writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: %s\r\n\r\n" % (b"keep-alive" if keep else b"close")
+        )
+        for data in chunks:
+            conn.writer.write(_chunk(data))
+            await conn.writer.drain()
+            await asyncio.sleep(0.01)
+        conn.writer.write(LAST_CHUNK)
+        await conn.writer.drain()
+        rec["ended_at"] = time.time()
+        return keep
+
+    def _list_conversations(self, call: _ApiCall) -> tuple[int, Any]:
+        user, limit = _user(call.query.get("user")), call.limit()
+        sort_by = call.query.get("sort_by") or "-updated_at"
+        if sort_by not in SORT_ORDERS:
+            raise _bad(f"sort_by must be one of {', '.join(SORT_ORDERS)}")
+        key = "_created" if sort_by.endswith("created_at") else "_updated"
+        mine = sorted(
+            (c for c in self.conversations.values() if c["_user"] == user),
+            key=lambda c: c[key],
+            reverse=sort_by.startswith("-"),
+        )
+        last_id = call.query.get("last_id")
+        if last_id:
+            ids = [c["id"] for c in mine]
+            if last_id not in ids:
+                raise _HTTPError(404, "not_found", "Last Conversation Not Exists.")
+            mine = mine[ids.index(last_id) + 1 :]
+        page = [_public(c) for c in mine[:limit]]
+        return 200, {"limit": limit, "has_more": len(mine) > limit, "data": page}
+
+    def _rename_conversation(self, call: _ApiCall, conversation_id: str) -> tuple[int, Any]:
+        req = call.json()
+        conversation = self._conversation(conversation_id, _user(req.get("user")))
+        if req.get("auto_generate") is True:
+            conversation["name"] = "Stand-in generated name"
+        else:
+            name = req.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise _bad("name is required unless auto_generate is true")
+            conversation["name"] = name
+        now = int(time.time())
+        conversation.update(updated_at=now, _updated=(now, next(self._seq)))
+        return 200, _public(conversation)
+
+    def _delete_conversation(self, call: _ApiCall, conversation_id: str) -> tuple[int, Any]:
+        self._conversation(conversation_id, _user(call.json().get("user")))
+        del self.conversations[conversation_id]
+        for message_id in [
+            m["id"] for m in self.messages.values() if m["conversation_id"] == conversation_id
+        ]:
+            del self.messages[message_id]
+        return 204, None
+
+    def _list_messages(self, call: _ApiCall) -> tuple[int, Any]:
+        user, limit = _user(call.query.get("user")), call.limit()
+        conversation_id = call.query.get("conversation_id")
+        if not conversation_id:
+            raise _bad("conversation_id is required")
+        self._conversation(conversation_id, user)
+        history = [m for m in self.messages.values() if m["conversation_id"] == conversation_id]
+        first_id = call.query.get("first_id")
+        if first_id:
+            ids = [m["id"] for m in history]
+            if first_id not in ids:
+                raise _HTTPError(404, "not_found", "First Message Not Exists.")
+            history = history[: ids.index(first_id)]
+        page = [_public(m) for m in history[-limit:]]
+        return 200, {"limit": limit, "has_more": len(history) > limit, "data": page}
+
+    def _feedback(self, call: _ApiCall, message_id: str) -> tuple[int, Any]:
+        req = call.json()
+        message = self._message(message_id, _user(req.get("user")))
+        rating = req.get("rating")
+        if rating not in ("like", "dislike", None):
+            raise _bad("rating must be like, dislike or null")
+        message["feedback"] = None if rating is None else {"rating": rating}
+        return 200, {"result": "success"}
+
+    def _suggested(self, call: _ApiCall, message_id: str) -> tuple[int, Any]:
+        message = self._message(message_id, _user(call.query.get("user")))
+        topic = message["query"][:30]
+        questions = [f"Tell me more about {topic}?", "Can you give an example?", "What else?"]
+        return 200, {"result": "success", "data": questions}
+
+    def _upload(self, call: _ApiCall) -> tuple[int, Any]:
+        user, file = call.upload(_HTTPError(400, "no_file_uploaded", "Please upload your file."))
+        name = file["filename"]
+        extension = name.rpartition(".")[2].lower() if "." in name else ""
+        if extension in BLOCKED_EXTENSIONS:
+            raise _HTTPError(415, "unsupported_file_type", "File type not allowed.")
+        if file["size"] > MAX_FILE:
+            raise _HTTPError(413, "file_too_large", "File size exceeded.")
+        return 201, {
+            "id": str(uuid.uuid4()),
+            "name": name,
+            "size": file["size"],
+            "extension": extension,
+            "mime_type": file["content_type"],
+            "created_by": str(uuid.uuid5(uuid.NAMESPACE_URL, user)),
+            "created_at": int(time.time()),
+        }
+
+    def _audio_to_text(self, call: _ApiCall) -> tuple[int, Any]:
+        _, file = call.upload(_HTTPError(400, "no_audio_uploaded", "Please upload your audio."))
+        if not file["content_type"].startswith("audio/"):
+            raise _HTTPError(415, "unsupported_audio_type", "Audio type not allowed.")
+        if file["size"] > MAX_AUDIO:
+            raise _HTTPError(413, "audio_too_large", "Audio size exceeded.")
+        return 200, {"text": f"Stand-in transcript of {file['filename']} ({file['size']} bytes)."}
+
+    def _text_to_audio(self, call: _ApiCall) -> tuple[int, Any]:
+        req = call.json()
+        user = _user(req.get("user"))
+        if req.get("message_id"):
+            self._message(req["message_id"], user)
+        elif not isinstance(req.get("text"), str) or not req["text"].strip():
+            raise _bad("message_id or text is required")
+        return 200, FAKE_AUDIO
+
+    def _app_info(self, call: _ApiCall, name: str) -> tuple[int, Any]:
+        return 200, APP_INFO[name]
+
     async def _watch(self, conn: _Conn, task: _Task) -> None:
         """Notice a client leaving while the stream is silent; pipelined bytes stay in conn.buf."""
         with contextlib.suppress(OSError):
@@ -453,11 +926,16 @@ class StandIn:
         conversation_id = req.get("conversation_id") or str(uuid.uuid4())
         if not isinstance(conversation_id, str):
             raise _bad("conversation_id must be a string")
+        known = self.conversations.get(conversation_id)
+        if known is not None and known["_user"] != user:
+            raise _HTTPError(404, "not_found", "Conversation Not Exists.")
         knobs = _Knobs(inputs.get("_standin"))
         streaming = req.get("response_mode") == "streaming"
         task = _Task(conversation_id, user, rec, streaming and knobs.status is None)
         rec["task_id"] = task.task_id
         self.tasks[task.task_id] = task
+        if knobs.status is None:
+            self._remember_chat(task, inputs, query, knobs)
         watcher = asyncio.create_task(self._watch(conn, task))
         try:
             await task.pause(knobs.header_delay)

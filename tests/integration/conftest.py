@@ -80,6 +80,9 @@ def proxy(standin, tmp_path_factory) -> Iterator[Proxy]:
         "DIFY_READ_TIMEOUT": str(READ_TIMEOUT),
         "LOG_LEVEL": "DEBUG",
         "WEB_CONCURRENCY": "2",
+        # The suite asks many questions as one user; the limits have tests of their own.
+        "RATE_LIMIT": "10000/minute",
+        "MAX_STREAMS_PER_USER": "100",
     }
     process, url = processes.start_proxy(env, log_path)
     yield Proxy(url, log_path)

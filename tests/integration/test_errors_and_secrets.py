@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import json
 
 import pytest
 import requests
@@ -90,15 +90,17 @@ def test_a_refused_connection_to_dify_is_502(tmp_path):
     assert response.json()["code"] == "upstream_unavailable"
 
 
-def test_each_request_logs_one_line_with_how_its_stream_ended(proxy, standin):
+def test_each_request_logs_one_json_line_with_how_its_stream_ended(proxy, standin):
     sub = "5b1d3c9e-0a7f-4e21-8c3d-9e8f7a6b5c4d"
-    read_stream(proxy.chat(scenario(events=3, interval=0), token=tokens.hs256(sub=sub)))
-    line = _wait_for_log_line(proxy, f"user={sub}")
-    assert re.search(
-        r"method=POST path=/api/chat status=200 user=\S+ duration_ms=[\d.]+ "
-        r"end=completed ttfb_ms=[\d.]+ bytes=\d+ events=4",
-        line,
-    )
+    response = proxy.chat(scenario(events=3, interval=0), token=tokens.hs256(sub=sub))
+    read_stream(response)
+    entry = json.loads(_wait_for_log_line(proxy, f'"user": "{sub}"'))
+    assert entry["message"] == "request"
+    assert (entry["method"], entry["path"], entry["status"]) == ("POST", "/api/chat", 200)
+    assert entry["end"] == "completed"
+    assert entry["events"] == 4 and entry["bytes"] > 0
+    assert entry["ttfb_ms"] > 0 and entry["duration_ms"] >= entry["ttfb_ms"]
+    assert entry["request_id"] == response.headers["X-Request-ID"]
 
 
 def test_a_gone_client_is_logged_as_client_gone(proxy, standin):
@@ -106,7 +108,7 @@ def test_a_gone_client_is_logged_as_client_gone(proxy, standin):
     response = proxy.chat(scenario(events=1, end="hang"), token=tokens.hs256(sub=sub))
     read_stream(response, until=lambda r: b"data:" in r.body)
     response.close()
-    assert "end=client_gone" in _wait_for_log_line(proxy, f"user={sub}")
+    assert json.loads(_wait_for_log_line(proxy, sub))["end"] == "client_gone"
 
 
 def _wait_for_log_line(proxy, needle: str, seconds: float = 10) -> str:

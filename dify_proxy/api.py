@@ -1,0 +1,388 @@
+"""The rest of Dify's chat API under `/api`: stop, conversations, messages, feedback, files,
+audio and the app's settings, each called as the session's user.
+
+Dify's `user` always comes from the session and goes where Dify reads it (query, JSON body or
+multipart field); a `user` the client sends is never read. Everything the proxy can check (ids
+are UUIDs, limits, enums, lengths) is checked before Dify is called, and every id that ends up in
+a Dify path has been through `validate_uuid`, so no request can steer a call elsewhere in the
+API. Dify's answers pass through unchanged; its errors map as for `/api/chat` (see dify.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from time import monotonic
+from typing import IO, Any
+
+import requests
+from flask import Blueprint, Response, current_app, g, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.datastructures import FileStorage
+
+from .auth import require_session
+from .chat import MAX_MESSAGE_CHARS, bad_request, read_json_object, validate_uuid
+from .dify import Dify
+from .errors import ApiError
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+MIN_LIMIT, MAX_LIMIT = 1, 100
+SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
+RATINGS = ("like", "dislike", None)
+MAX_NAME_CHARS = 255  # Dify stores a conversation name in a varchar(255)
+MAX_FEEDBACK_CHARS = 2_000
+MAX_VOICE_CHARS = 100
+MAX_FILENAME_CHARS = 255
+READ_SIZE = 64 * 1024
+MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*")
+STREAM_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
+
+
+def dify() -> Dify:
+    return current_app.extensions["dify_proxy.dify"]
+
+
+def json_answer(upstream: requests.Response) -> Response:
+    """Dify's status and JSON body, unchanged; a 2xx that is not JSON is Dify failing."""
+    with upstream:
+        if upstream.status_code == 204:
+            return Response(status=204)
+        try:
+            json.loads(upstream.content)
+        except ValueError:
+            raise ApiError(
+                502, "upstream_error", "The chat service sent an unreadable answer."
+            ) from None
+        return Response(
+            upstream.content, status=upstream.status_code, content_type="application/json"
+        )
+
+
+# --- query parameters -----------------------------------------------------------------------
+# An empty value counts as absent, as it does for `conversation_id` in /api/chat.
+
+
+def query_uuid(name: str, *, required: bool = False) -> str | None:
+    value = request.args.get(name)
+    if value in (None, ""):
+        if required:
+            raise bad_request(f"{name} is required.")
+        return None
+    return validate_uuid(value, name)
+
+
+def query_limit() -> int | None:
+    value = request.args.get("limit")
+    if value in (None, ""):
+        return None
+    if not re.fullmatch(r"[0-9]{1,3}", value) or not MIN_LIMIT <= int(value) <= MAX_LIMIT:
+        raise bad_request(f"limit must be a whole number from {MIN_LIMIT} to {MAX_LIMIT}.")
+    return int(value)
+
+
+def query_sort_by() -> str | None:
+    value = request.args.get("sort_by")
+    if value in (None, ""):
+        return None
+    if value not in SORT_ORDERS:
+        raise bad_request(f"sort_by must be one of {', '.join(SORT_ORDERS)}.")
+    return value
+
+
+def user_params(**params: Any) -> dict[str, Any]:
+    """Query parameters for Dify: the given ones that are set, and the session's user."""
+    return {**{k: v for k, v in params.items() if v is not None}, "user": g.user_id}
+
+
+def optional_text(body: dict[str, Any], name: str, max_chars: int) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(f"{name} must be a non-blank string.")
+    if len(value) > max_chars:
+        raise bad_request(f"{name} must be at most {max_chars:,} characters.")
+    return value
+
+
+# --- chat -----------------------------------------------------------------------------------
+
+
+@bp.post("/chat/<task_id>/stop")
+@require_session
+def stop_chat(task_id: str) -> Response:
+    task_id = validate_uuid(task_id, "task_id")
+    return json_answer(
+        dify().call("POST", f"/chat-messages/{task_id}/stop", json={"user": g.user_id})
+    )
+
+
+# --- conversations --------------------------------------------------------------------------
+
+
+@bp.get("/conversations")
+@require_session
+def list_conversations() -> Response:
+    params = user_params(
+        last_id=query_uuid("last_id"), limit=query_limit(), sort_by=query_sort_by()
+    )
+    return json_answer(dify().call("GET", "/conversations", params=params))
+
+
+@bp.post("/conversations/<conversation_id>/name")
+@require_session
+def rename_conversation(conversation_id: str) -> Response:
+    conversation_id = validate_uuid(conversation_id, "conversation_id")
+    body = read_json_object()
+    auto_generate = body.get("auto_generate", False)
+    if not isinstance(auto_generate, bool):
+        raise bad_request("auto_generate must be true or false.")
+    name = optional_text(body, "name", MAX_NAME_CHARS)
+    if name is None and not auto_generate:
+        raise bad_request("name is required unless auto_generate is true.")
+    payload: dict[str, Any] = {"auto_generate": auto_generate, "user": g.user_id}
+    if name is not None:
+        payload["name"] = name
+    return json_answer(dify().call("POST", f"/conversations/{conversation_id}/name", json=payload))
+
+
+@bp.delete("/conversations/<conversation_id>")
+@require_session
+def delete_conversation(conversation_id: str) -> Response:
+    """Always 204: newer Dify answers 204, older Dify 200 `{"result": "success"}`."""
+    conversation_id = validate_uuid(conversation_id, "conversation_id")
+    dify().call("DELETE", f"/conversations/{conversation_id}", json={"user": g.user_id}).close()
+    return Response(status=204)
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+@bp.get("/messages")
+@require_session
+def list_messages() -> Response:
+    params = user_params(
+        conversation_id=query_uuid("conversation_id", required=True),
+        first_id=query_uuid("first_id"),
+        limit=query_limit(),
+    )
+    return json_answer(dify().call("GET", "/messages", params=params))
+
+
+@bp.post("/messages/<message_id>/feedbacks")
+@require_session
+def message_feedback(message_id: str) -> Response:
+    message_id = validate_uuid(message_id, "message_id")
+    body = read_json_object()
+    if "rating" not in body or body["rating"] not in RATINGS:
+        raise bad_request("rating is required: 'like', 'dislike' or null (to withdraw).")
+    payload: dict[str, Any] = {"rating": body["rating"], "user": g.user_id}
+    content = body.get("content")
+    if content is not None:
+        if not isinstance(content, str):
+            raise bad_request("content must be a string.")
+        if len(content) > MAX_FEEDBACK_CHARS:
+            raise bad_request(f"content must be at most {MAX_FEEDBACK_CHARS:,} characters.")
+        payload["content"] = content
+    return json_answer(dify().call("POST", f"/messages/{message_id}/feedbacks", json=payload))
+
+
+@bp.get("/messages/<message_id>/suggested")
+@require_session
+def suggested_questions(message_id: str) -> Response:
+    message_id = validate_uuid(message_id, "message_id")
+    return json_answer(
+        dify().call("GET", f"/messages/{message_id}/suggested", params=user_params())
+    )
+
+
+# --- files and audio ------------------------------------------------------------------------
+
+
+class MultipartBody:
+    """A multipart/form-data body for Dify whose file part is read from disk as it is sent.
+
+    It has a length, so requests sends a Content-Length instead of chunking (which not every
+    server in front of Dify accepts), and iterating it reads the file `READ_SIZE` bytes at a
+    time, so a large upload never sits in memory whole.
+    """
+
+    def __init__(self, fields: dict[str, str], upload: FileStorage, filename: str) -> None:
+        self.boundary = f"dify-proxy-{secrets.token_hex(16)}"
+        delimiter = f"--{self.boundary}\r\n".encode()
+        head = b"".join(
+            delimiter
+            + f'Content-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + value.encode()
+            + b"\r\n"
+            for name, value in fields.items()
+        )
+        self.head = (
+            head
+            + delimiter
+            + (
+                f'Content-Disposition: form-data; name="file"; filename="{quote_param(filename)}"'
+                f"\r\nContent-Type: {part_type(upload)}\r\n\r\n"
+            ).encode()
+        )
+        self.tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self.file: IO[bytes] = upload.stream
+        self.file.seek(0, os.SEEK_END)
+        self.file_size = self.file.tell()
+        self.file.seek(0)
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return len(self.head) + self.file_size + len(self.tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.file.seek(0)
+        yield self.head
+        while chunk := self.file.read(READ_SIZE):
+            yield chunk
+        yield self.tail
+
+
+def quote_param(value: str) -> str:
+    """A filename as browsers write it into Content-Disposition (WHATWG's encoding)."""
+    return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def part_type(upload: FileStorage) -> str:
+    """The file's media type without parameters, or octet-stream for anything malformed."""
+    mimetype = upload.mimetype
+    return mimetype if MIME_TYPE.fullmatch(mimetype) else "application/octet-stream"
+
+
+def uploaded_file() -> tuple[FileStorage, str]:
+    """The one multipart `file`, spooled to disk by werkzeug as it arrives (parts over 500 KB
+    never sit in memory), with the body cut off at MAX_UPLOAD_BYTES (413) while it is read."""
+    request.max_content_length = current_app.config["SETTINGS"].max_upload_bytes
+    if request.mimetype != "multipart/form-data":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "Send the file as Content-Type: multipart/form-data, in a field named file.",
+        )
+    files = request.files.getlist("file")
+    if not files:
+        raise bad_request("file is required: send it in a multipart field named file.")
+    if len(files) > 1 or len(request.files) > 1:
+        raise bad_request("Send exactly one file, in the multipart field named file.")
+    upload = files[0]
+    filename = upload.filename
+    if not filename or not filename.strip():
+        raise bad_request("The file needs a filename.")
+    if len(filename) > MAX_FILENAME_CHARS:
+        raise bad_request(f"The filename must be at most {MAX_FILENAME_CHARS} characters.")
+    return upload, filename
+
+
+def forward_upload(path: str) -> Response:
+    upload, filename = uploaded_file()
+    body = MultipartBody({"user": g.user_id}, upload, filename)
+    upstream = dify().call("POST", path, data=body, headers={"Content-Type": body.content_type})
+    return json_answer(upstream)
+
+
+@bp.post("/files/upload")
+@require_session
+def upload_file() -> Response:
+    return forward_upload("/files/upload")
+
+
+@bp.post("/audio-to-text")
+@require_session
+def audio_to_text() -> Response:
+    return forward_upload("/audio-to-text")
+
+
+@bp.post("/text-to-audio")
+@require_session
+def text_to_audio() -> Response:
+    body = read_json_object()
+    payload: dict[str, Any] = {"user": g.user_id}
+    if body.get("message_id") not in (None, ""):
+        payload["message_id"] = validate_uuid(body["message_id"], "message_id")
+    text = optional_text(body, "text", MAX_MESSAGE_CHARS)
+    if text is not None:
+        payload["text"] = text
+    if "message_id" not in payload and text is None:
+        raise bad_request("message_id or text is required.")
+    voice = optional_text(body, "voice", MAX_VOICE_CHARS)
+    if voice is not None:
+        payload["voice"] = voice
+    # Uncompressed, please: the audio is relayed as the very bytes read off the wire.
+    upstream = dify().call(
+        "POST",
+        "/text-to-audio",
+        json=payload,
+        headers={"Accept-Encoding": "identity"},
+        stream=True,
+    )
+    return Response(
+        relay_bytes(upstream),
+        status=upstream.status_code,
+        content_type=upstream.headers.get("Content-Type", "audio/mpeg"),
+        headers=STREAM_HEADERS,
+    )
+
+
+def relay_bytes(upstream: requests.Response) -> Iterator[bytes]:
+    """Dify's bytes as they arrive; a client that leaves closes Dify's response (finally)."""
+    try:
+        while chunk := upstream.raw.read1(READ_SIZE):
+            yield chunk
+    finally:
+        upstream.close()
+
+
+# --- the app's settings ---------------------------------------------------------------------
+
+
+class AppInfoCache:
+    """Dify's app-wide answers (`/parameters`, `/meta`, `/info`), kept per process for `ttl`
+    seconds: every page load asks for them, and they change only when the app is edited."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, bytes]] = {}
+
+    def get(self, path: str) -> bytes | None:
+        entry = self._entries.get(path)
+        if entry is None or monotonic() >= entry[0]:
+            return None
+        return entry[1]
+
+    def put(self, path: str, body: bytes) -> None:
+        if self.ttl > 0:
+            self._entries[path] = (monotonic() + self.ttl, body)
+
+
+def _init_cache(state: BlueprintSetupState) -> None:
+    ttl = state.app.config["SETTINGS"].app_info_ttl
+    state.app.extensions["dify_proxy.app_info"] = AppInfoCache(ttl)
+
+
+bp.record_once(_init_cache)
+
+
+@bp.get("/<any(parameters, meta, info):name>")
+@require_session
+def app_info(name: str) -> Response:
+    cache: AppInfoCache = current_app.extensions["dify_proxy.app_info"]
+    path = f"/{name}"
+    body = cache.get(path)
+    if body is None:
+        response = json_answer(dify().call("GET", path))
+        if response.status_code == 200:
+            cache.put(path, response.get_data())
+        return response
+    return Response(body, status=200, content_type="application/json")

@@ -1,0 +1,60 @@
+"""Per-user request rate limits (Flask-Limiter), keyed by the session's `sub`, never by IP.
+
+Limits live in Redis when REDIS_URL is set, so they hold across workers and instances; if Redis
+goes down, Flask-Limiter falls back to in-memory counting with the same limits (per process)
+until it is back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, current_app, g
+from flask_limiter import Limiter
+
+from .quotas import REDIS_TIMEOUT_SECONDS
+from .settings import Settings
+
+limiter = Limiter(
+    key_func=lambda: g.user_id,
+    headers_enabled=True,
+    in_memory_fallback_enabled=True,
+    strategy="moving-window",
+    key_prefix="dify-proxy",
+)
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    # Registered before Flask-Limiter's own hook, so it runs after it (Flask runs after-request
+    # functions in reverse order).
+    app.after_request(keep_explicit_retry_after)
+    app.config.update(
+        RATELIMIT_ENABLED=settings.rate_limit is not None,
+        RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
+        RATELIMIT_STORAGE_OPTIONS={
+            "socket_timeout": REDIS_TIMEOUT_SECONDS,
+            "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+        }
+        if settings.redis_url
+        else {},
+    )
+    limiter.init_app(app)
+
+
+def per_user(exempt_when: Callable[[], bool]) -> Callable[[Any], Any]:
+    """Apply RATE_LIMIT to a view; put it under `@require_session`, which sets the key."""
+    return limiter.limit(
+        lambda: current_app.config["SETTINGS"].rate_limit,  # None: the limiter is disabled
+        exempt_when=exempt_when,
+    )
+
+
+def keep_explicit_retry_after(response: Response) -> Response:
+    """Flask-Limiter sets Retry-After to its own window's reset on every limited route, which
+    would replace the Retry-After of a 429 that is not ours to time (Dify's, or a stream or
+    token limit's). Put that one back."""
+    retry_after = g.get("retry_after")
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
+    return response

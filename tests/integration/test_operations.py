@@ -1,0 +1,294 @@
+"""Per-user limits shared through a real Redis, leases, token budgets, /readyz and /metrics,
+through real gunicorn instances against the Dify stand-in."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.integration.conftest import DIFY_KEY, Proxy, scenario
+from tests.support import processes, tokens
+from tests.support.redis_server import RedisServer
+from tests.support.sse_client import read_stream
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_proxy(standin, tmp_path):
+    """Start proxies (instances) with extra environment; all stopped after the test."""
+    started = []
+
+    def start(**env: str) -> Proxy:
+        log_path = tmp_path / f"gunicorn-{len(started)}.log"
+        process, url = processes.start_proxy(
+            {
+                "DIFY_API_KEY": DIFY_KEY,
+                "DIFY_API_URL": standin.url,
+                "SUPABASE_JWT_SECRET": tokens.SECRET,
+                "HEARTBEAT_INTERVAL": "0.5",
+                "WEB_CONCURRENCY": "2",
+                "LOG_LEVEL": "DEBUG",
+                **env,
+            },
+            log_path,
+        )
+        started.append(process)
+        proxy = Proxy(url, log_path)
+        proxy.process = process
+        return proxy
+
+    yield start
+    for process in started:
+        processes.stop(process)
+
+
+def user(n: int) -> str:
+    return f"00000000-0000-4000-8000-{n:012d}"
+
+
+def ask(proxy: Proxy, sub: str, **knobs) -> requests.Response:
+    body = {**scenario(**{"events": 1, "interval": 0, **knobs}), "response_mode": "blocking"}
+    return proxy.chat(body, token=tokens.hs256(sub=sub))
+
+
+def open_stream(proxy: Proxy, sub: str) -> requests.Response:
+    """A stream that stays open (Dify keeps it open) until the client closes it."""
+    response = proxy.chat(scenario(events=1, end="hang"), token=tokens.hs256(sub=sub))
+    if response.status_code == 200:
+        read_stream(response, until=lambda r: bool(r.data_events()), seconds=10)
+    return response
+
+
+# -- request rate limits -----------------------------------------------------------------------
+
+
+def test_a_rate_limit_holds_across_two_instances_through_redis(start_proxy, redis_server):
+    a = start_proxy(REDIS_URL=redis_server.url, RATE_LIMIT="3/minute")
+    b = start_proxy(REDIS_URL=redis_server.url, RATE_LIMIT="3/minute")
+    statuses = [ask(proxy, user(1)).status_code for proxy in (a, b, a, b)]
+    assert statuses == [200, 200, 200, 429]
+
+
+def test_over_the_rate_limit_is_a_json_429_with_retry_after_and_ratelimit_headers(
+    start_proxy, redis_server, standin
+):
+    proxy = start_proxy(REDIS_URL=redis_server.url, RATE_LIMIT="1/minute")
+    ask(proxy, user(2))
+    calls_before = len(standin.chats())
+    response = ask(proxy, user(2))
+    assert response.status_code == 429
+    assert response.json()["code"] == "too_many_requests"
+    assert 0 < int(response.headers["Retry-After"]) <= 60
+    assert response.headers["X-RateLimit-Limit"] == "1"
+    assert response.headers["X-RateLimit-Remaining"] == "0"
+    assert "X-RateLimit-Reset" in response.headers
+    assert len(standin.chats()) == calls_before
+
+
+def test_rate_limits_are_per_user_not_per_address(start_proxy, redis_server):
+    proxy = start_proxy(REDIS_URL=redis_server.url, RATE_LIMIT="1/minute")
+    assert ask(proxy, user(3)).status_code == 200
+    assert ask(proxy, user(3)).status_code == 429
+    assert ask(proxy, user(4)).status_code == 200
+
+
+# -- concurrent streams ----------------------------------------------------------------------
+
+
+def test_concurrent_streams_are_limited_per_user_across_instances(start_proxy, redis_server):
+    a = start_proxy(REDIS_URL=redis_server.url, MAX_STREAMS_PER_USER="2")
+    b = start_proxy(REDIS_URL=redis_server.url, MAX_STREAMS_PER_USER="2")
+    first, second = open_stream(a, user(5)), open_stream(b, user(5))
+    third = open_stream(a, user(5))
+    assert (first.status_code, second.status_code, third.status_code) == (200, 200, 429)
+    assert third.json()["code"] == "too_many_streams"
+    assert open_stream(b, user(6)).status_code == 200  # another user is not affected
+    first.close()
+    deadline = time.monotonic() + 10
+    while (again := open_stream(b, user(5))).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert again.status_code == 200  # the closed stream's slot came back
+    for response in (second, again):
+        response.close()
+
+
+def test_a_killed_workers_stream_lease_expires(start_proxy, redis_server):
+    a = start_proxy(
+        REDIS_URL=redis_server.url,
+        MAX_STREAMS_PER_USER="1",
+        STREAM_LEASE_SECONDS="2",
+        WEB_CONCURRENCY="1",
+    )
+    b = start_proxy(REDIS_URL=redis_server.url, MAX_STREAMS_PER_USER="1")
+    stream = open_stream(a, user(7))
+    assert stream.status_code == 200
+    workers = processes.children(a.process.pid)
+    for pid in [*workers, a.process.pid]:  # SIGKILL: no cleanup runs, only expiry frees it
+        processes.kill(pid)
+    assert open_stream(b, user(7)).status_code == 429
+    time.sleep(2.5)
+    assert open_stream(b, user(7)).status_code == 200
+
+
+def test_a_long_stream_renews_its_lease(start_proxy, redis_server):
+    proxy = start_proxy(
+        REDIS_URL=redis_server.url, MAX_STREAMS_PER_USER="1", STREAM_LEASE_SECONDS="1.5"
+    )
+    stream = open_stream(proxy, user(8))
+    time.sleep(4)  # more than twice the lease: only renewals keep the slot
+    assert open_stream(proxy, user(8)).status_code == 429
+    stream.close()
+
+
+# -- token budget ----------------------------------------------------------------------------
+
+
+def test_a_user_over_the_daily_token_budget_gets_429_before_any_dify_call(
+    start_proxy, redis_server, standin
+):
+    proxy = start_proxy(REDIS_URL=redis_server.url, DAILY_TOKEN_BUDGET="20")
+    stream = proxy.chat(scenario(events=10, interval=0), token=tokens.hs256(sub=user(9)))
+    read_stream(stream)  # 12 tokens, counted from message_end
+    assert ask(proxy, user(9), events=10).status_code == 200  # blocking: 12 more
+    calls_before = len(standin.chats())
+    response = ask(proxy, user(9))
+    assert response.status_code == 429
+    assert response.json()["code"] == "token_budget_exceeded"
+    assert int(response.headers["Retry-After"]) > 0
+    assert len(standin.chats()) == calls_before
+    assert ask(proxy, user(10)).status_code == 200
+
+
+def test_the_token_budget_is_shared_across_instances(start_proxy, redis_server):
+    a = start_proxy(REDIS_URL=redis_server.url, DAILY_TOKEN_BUDGET="10")
+    b = start_proxy(REDIS_URL=redis_server.url, DAILY_TOKEN_BUDGET="10")
+    assert ask(a, user(11), events=10).status_code == 200
+    assert ask(b, user(11)).status_code == 429
+
+
+# -- Redis outage ----------------------------------------------------------------------------
+
+
+def test_when_redis_stops_chat_keeps_working_and_readyz_reports_it(start_proxy, redis_server):
+    proxy = start_proxy(
+        REDIS_URL=redis_server.url,
+        RATE_LIMIT="100/minute",
+        MAX_STREAMS_PER_USER="2",
+        DAILY_TOKEN_BUDGET="100000",
+    )
+    assert requests.get(f"{proxy.url}/readyz", timeout=5).json()["checks"]["redis"] == "ok"
+    redis_server.stop()
+    for _ in range(6):
+        assert ask(proxy, user(12)).status_code == 200
+        received = read_stream(
+            proxy.chat(scenario(events=2, interval=0), token=tokens.hs256(sub=user(12)))
+        )
+        assert received.data()[-1]["event"] == "message_end"
+    ready = requests.get(f"{proxy.url}/readyz", timeout=5)
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "degraded",
+        "checks": {"config": "ok", "redis": "unavailable"},
+    }
+    errors = [line for line in proxy.log().splitlines() if "redis unavailable" in line]
+    assert 1 <= len(errors) <= 2  # once per interval, per worker (two workers)
+
+
+def test_when_redis_is_down_limits_fall_back_to_the_process(start_proxy, redis_server):
+    proxy = start_proxy(REDIS_URL=redis_server.url, MAX_STREAMS_PER_USER="1", WEB_CONCURRENCY="1")
+    redis_server.stop()
+    first = open_stream(proxy, user(13))
+    assert first.status_code == 200
+    assert open_stream(proxy, user(13)).status_code == 429
+    first.close()
+
+
+def test_readyz_says_ok_when_redis_comes_back(start_proxy, redis_server):
+    proxy = start_proxy(REDIS_URL=redis_server.url)
+    redis_server.stop()
+    assert requests.get(f"{proxy.url}/readyz", timeout=5).json()["status"] == "degraded"
+    redis_server.start()
+    assert requests.get(f"{proxy.url}/readyz", timeout=5).json()["status"] == "ok"
+
+
+# -- metrics, request ids --------------------------------------------------------------------
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{name}(?:\{{{wanted}\}})? ([0-9.e+]+)$" if wanted else rf"^{name} ([0-9.e+]+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_count_requests_across_both_workers(start_proxy):
+    proxy = start_proxy(WEB_CONCURRENCY="2", RATE_LIMIT="off", MAX_STREAMS_PER_USER="0")
+
+    def one_stream(_: int) -> None:
+        read_stream(proxy.chat(scenario(events=3, interval=0.2)))
+
+    with ThreadPoolExecutor(max_workers=20) as pool:  # at once, so both workers take some
+        list(pool.map(one_stream, range(40)))
+    served_by = set(re.findall(r"\[(\d+)\] \[DEBUG\] POST /api/chat", proxy.log()))
+    assert len(served_by) == 2
+    text = requests.get(f"{proxy.url}/metrics", timeout=5).text
+    assert (
+        metric(text, "dify_proxy_requests_total", method="POST", route="/api/chat", status="200")
+        == 40
+    )
+    assert metric(text, "dify_proxy_stream_ends_total", reason="completed") == 40
+
+
+def test_metrics_report_streams_tokens_and_end_reasons(start_proxy):
+    proxy = start_proxy(RATE_LIMIT="off")
+    read_stream(proxy.chat(scenario(events=3, interval=0)))
+    read_stream(proxy.chat(scenario(events=1, end="drop")))
+    text = requests.get(f"{proxy.url}/metrics", timeout=5).text
+    assert metric(text, "dify_proxy_stream_ends_total", reason="completed") == 1
+    assert metric(text, "dify_proxy_stream_ends_total", reason="upstream_dropped") == 1
+    assert metric(text, "dify_proxy_upstream_errors_total", kind="stream_upstream_dropped") == 1
+    assert metric(text, "dify_proxy_tokens_total") == 5
+    assert metric(text, "dify_proxy_time_to_first_byte_seconds_count") == 2
+    assert metric(text, "dify_proxy_open_streams") == 0
+
+
+def test_metrics_can_require_a_token(start_proxy):
+    proxy = start_proxy(METRICS_TOKEN="metrics-secret")
+    assert requests.get(f"{proxy.url}/metrics", timeout=5).status_code == 401
+    ok = requests.get(
+        f"{proxy.url}/metrics", timeout=5, headers={"Authorization": "Bearer metrics-secret"}
+    )
+    assert ok.status_code == 200
+
+
+def test_a_request_id_is_echoed_logged_and_sent_on_to_dify(start_proxy, standin):
+    proxy = start_proxy()
+    response = proxy.chat(scenario(events=1, interval=0), headers={"X-Request-ID": "abc-123"})
+    read_stream(response)
+    assert response.headers["X-Request-ID"] == "abc-123"
+    (call,) = standin.chats()
+    assert call["headers"]["x-request-id"] == "abc-123"
+    lines = [json.loads(line) for line in proxy.log().splitlines() if '"abc-123"' in line]
+    assert any(entry.get("message") == "request" for entry in lines)
+
+
+def test_a_request_id_is_generated_when_absent_or_unsafe(start_proxy):
+    proxy = start_proxy()
+    plain = requests.get(f"{proxy.url}/healthz", timeout=5)
+    unsafe = requests.get(
+        f"{proxy.url}/healthz", timeout=5, headers={"X-Request-ID": "bad id\twith spaces"}
+    )
+    assert re.fullmatch(r"[0-9a-f]{32}", plain.headers["X-Request-ID"])
+    assert re.fullmatch(r"[0-9a-f]{32}", unsafe.headers["X-Request-ID"])
