@@ -42,6 +42,9 @@ timeout = 30
 # Heroku sends SIGKILL 30 s after SIGTERM.
 graceful_timeout = 20
 accesslog = None  # the app writes its own request line, without query strings
+# gunicorn 25+ opens a control socket at a fixed path in $HOME: not needed on a platform, and
+# two instances on one machine (tests, benchmarks) would fight over it.
+control_socket_disable = True
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
@@ -58,9 +61,10 @@ else:
 def post_worker_init(worker):
     """On SIGTERM, end this worker's open streams with a final error event saying the server is
     restarting (a browser can then ask again), instead of a silent cut when the graceful
-    timeout runs out. The signal handler only hands the work to a greenlet."""
+    timeout runs out. The handler runs in gevent's loop, so it only spawns the work."""
     import signal
-    import threading
+
+    import gevent
 
     from dify_proxy.relay import drain
 
@@ -68,7 +72,7 @@ def post_worker_init(worker):
 
     def handle_exit(sig, frame):
         stop_accepting(sig, frame)
-        threading.Thread(target=drain, daemon=True).start()
+        gevent.spawn(drain)
 
     worker.handle_exit = handle_exit
     signal.signal(signal.SIGTERM, handle_exit)
