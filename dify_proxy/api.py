@@ -38,7 +38,7 @@ MAX_FEEDBACK_CHARS = 2_000
 MAX_VOICE_CHARS = 100
 MAX_FILENAME_CHARS = 255
 READ_SIZE = 64 * 1024
-MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*")
+MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*", re.ASCII)
 STREAM_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
 
