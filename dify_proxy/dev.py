@@ -63,7 +63,7 @@ def main() -> None:
 
     key = f"app-standin-{secrets.token_hex(12)}"
     standin, url = start_standin(key)
-    os.environ.update(DIFY_API_URL=url, DIFY_API_KEY=key)
+    os.environ.update(DIFY_API_URL=url, DIFY_API_KEY=key, ENABLE_DEMO="1", DEV_TOKENS="1")
     os.environ.setdefault("SUPABASE_JWT_SECRET", secrets.token_urlsafe(32))
     port = os.environ.setdefault("PORT", "8000")
     token = mint_dev_token(os.environ["SUPABASE_JWT_SECRET"])
@@ -78,6 +78,8 @@ Try it (the dev token is valid for an hour):
     -H 'Authorization: Bearer {token}' \\
     -H 'Content-Type: application/json' \\
     -d '{{"message": "Hello there"}}'
+
+Or chat in a browser: http://127.0.0.1:{port}/demo
 """,
         flush=True,
     )
