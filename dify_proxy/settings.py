@@ -42,7 +42,7 @@ class Settings:
     dev_tokens: bool = False
     app_info_ttl: float = 60.0
     max_upload_bytes: int = 15 * 1024 * 1024
-    rate_limit: str | None = "20/minute;300/day"
+    rate_limit: str | None = "20/minute"
     redis_url: str | None = None
     max_streams_per_user: int = 3
     stream_lease_seconds: float = 60.0
