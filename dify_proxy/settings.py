@@ -134,7 +134,8 @@ def _auth_cookie(env: Mapping[str, str], supabase_url: str | None) -> str | None
     return None
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+def _seconds(env: Mapping[str, str], name: str, default: float, zero_ok: bool = False) -> float:
+    """A positive number of seconds; with `zero_ok`, 0 too (it turns a cache off)."""
     raw = _text(env, name)
     if raw is None:
         return default
@@ -142,22 +143,9 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number of seconds, such as 15 or 0.5") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number of seconds, such as 15 or 0.5")
-    return value
-
-
-def _ttl(env: Mapping[str, str], name: str, default: float) -> float:
-    """Seconds to cache something; 0 turns the cache off."""
-    raw = _text(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, such as 60 or 0") from None
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be zero or a positive number of seconds, such as 60")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        kind = "zero or a positive" if zero_ok else "a positive"
+        raise ConfigError(f"{name} must be {kind} number of seconds, such as 15 or 0.5")
     return value
 
 
@@ -218,7 +206,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         supabase_auth_cookie=_auth_cookie(env, supabase_url),
         enable_demo=_flag(env, "ENABLE_DEMO"),
         dev_tokens=dev_tokens,
-        app_info_ttl=_ttl(env, "APP_INFO_TTL", Settings.app_info_ttl),
+        app_info_ttl=_seconds(env, "APP_INFO_TTL", Settings.app_info_ttl, zero_ok=True),
         max_upload_bytes=_byte_count(env, "MAX_UPLOAD_BYTES", Settings.max_upload_bytes),
         rate_limit=_rate_limit(env),
         redis_url=_redis_url(env),

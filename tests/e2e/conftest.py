@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from dify_proxy import demo
 from tests.support import processes, tokens
+from tests.support.standin_client import StandIn
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -41,27 +41,6 @@ AUTH_COOKIE = "sb-e2etest-auth-token"
 POLYFILL = "polyfill"  # the page's transport switch values
 FETCH = "fetch"
 WAIT_MS = 15_000
-
-
-@dataclass
-class StandIn:
-    url: str
-
-    @property
-    def root(self) -> str:
-        return self.url.removesuffix("/v1")
-
-    def calls(self) -> list[dict]:
-        return requests.get(f"{self.root}/_standin/calls", timeout=5).json()
-
-    def chats(self) -> list[dict]:
-        return [c for c in self.calls() if c["path"] == "/v1/chat-messages"]
-
-    def stops(self) -> list[dict]:
-        return [c for c in self.calls() if c["path"].endswith("/stop")]
-
-    def reset(self) -> None:
-        requests.post(f"{self.root}/_standin/reset", timeout=5)
 
 
 @dataclass

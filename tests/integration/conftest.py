@@ -3,7 +3,6 @@ both over loopback, so streaming, timing, disconnects and chunk boundaries are r
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,37 +11,11 @@ import pytest
 import requests
 
 from tests.support import processes, tokens
+from tests.support.standin_client import StandIn
 
 DIFY_KEY = "app-integration-secret-key-3f9a7c21d4e8"
 HEARTBEAT = 0.5
 READ_TIMEOUT = 3
-
-
-@dataclass
-class StandIn:
-    url: str
-
-    @property
-    def root(self) -> str:
-        return self.url.removesuffix("/v1")
-
-    def calls(self) -> list[dict]:
-        return requests.get(f"{self.root}/_standin/calls", timeout=5).json()
-
-    def chats(self) -> list[dict]:
-        return [c for c in self.calls() if c["path"] == "/v1/chat-messages"]
-
-    def reset(self) -> None:
-        requests.post(f"{self.root}/_standin/reset", timeout=5)
-
-    def wait_for(self, predicate, seconds: float = 10) -> list[dict]:
-        """Poll the call log until `predicate(calls)` holds; returns the calls."""
-        deadline = time.monotonic() + seconds
-        while True:
-            calls = self.calls()
-            if predicate(calls) or time.monotonic() > deadline:
-                return calls
-            time.sleep(0.05)
 
 
 @dataclass
