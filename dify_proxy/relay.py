@@ -28,6 +28,7 @@ from . import sse
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+YIELD_EVERY_SECONDS = 0.005
 _open: dict[queue.Queue, StreamStats] = {}  # every stream this process is relaying now
 TERMINAL_EVENTS = frozenset({"message_end", "error"})
 
@@ -81,16 +82,27 @@ def relay(
                 on_tick()
                 yield sse.KEEPALIVE
                 continue
+            # Whatever else has arrived meanwhile goes out in the same write: under a burst of
+            # events that is one syscall instead of one per network read.
+            ready = []
+            while isinstance(item, bytes):
+                ready.append(item)
+                try:
+                    item = handoff.get_nowait()
+                except queue.Empty:
+                    item = None
+            if ready:
+                data = b"".join(ready)
+                if stats.first_event is None:
+                    stats.first_event = time.perf_counter()
+                stats.bytes += len(data)
+                on_tick()
+                yield data
             if isinstance(item, _End):
                 stats.end = item.reason
                 if item.final:
                     yield item.final
                 return
-            if stats.first_event is None:
-                stats.first_event = time.perf_counter()
-            stats.bytes += len(item)
-            on_tick()
-            yield item
     except GeneratorExit:
         stats.end = "client_gone"
         raise
@@ -136,6 +148,7 @@ def _read(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats)
 def _read_events(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats) -> None:
     pending = b""
     terminal: str | None = None
+    yielded_at = 0.0
     try:
         while True:
             data = upstream.raw.read1(READ_SIZE)
@@ -160,6 +173,13 @@ def _read_events(upstream: requests.Response, handoff: queue.Queue, stats: Strea
                     out.append(sse.event_id(stats.stream_id, stats.events))
                 out.append(event)
             handoff.put(b"".join(out))
+            # While Dify sends faster than we read, the socket never blocks, and a greenlet
+            # only switches when it blocks: without this the writer would wait for the whole
+            # burst. Every few milliseconds, not every read, so bursts still go out in big writes.
+            now = time.monotonic()
+            if now - yielded_at >= YIELD_EVERY_SECONDS:
+                time.sleep(0)
+                yielded_at = now
     except Exception as exc:  # noqa: BLE001 -- a silent Dify, a reset, a broken chunk, our close
         if stats.end != "running":  # we closed it: the generator has already finished
             return
