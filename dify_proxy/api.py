@@ -24,7 +24,13 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.datastructures import FileStorage
 
 from .auth import require_session
-from .chat import MAX_MESSAGE_CHARS, bad_request, read_json_object, validate_uuid
+from .chat import (
+    MAX_MESSAGE_CHARS,
+    STREAM_HEADERS,
+    bad_request,
+    read_json_object,
+    validate_uuid,
+)
 from .dify import Dify
 from .errors import ApiError
 
@@ -39,7 +45,6 @@ MAX_VOICE_CHARS = 100
 MAX_FILENAME_CHARS = 255
 READ_SIZE = 64 * 1024
 MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*", re.ASCII)
-STREAM_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
 
 def dify() -> Dify:
