@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -104,3 +107,35 @@ def kill(pid: int) -> None:
         os.kill(pid, 9)
     except ProcessLookupError:
         pass
+
+
+@contextlib.contextmanager
+def run_command(port: int) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The README's run command without a Dify key; yields it with everything it printed once
+    the proxy is up, and stops it (and its stand-in) afterwards."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "PORT": str(port),
+        "DIFY_API_KEY": "",
+    }
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "dify_proxy.dev"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        printed = ""
+        while "/demo" not in printed:  # the last thing it prints
+            line = dev.stdout.readline()
+            assert line, f"the run command stopped printing: {printed!r}"
+            printed += line
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", dev)
+        yield dev, printed
+    finally:
+        os.killpg(dev.pid, signal.SIGTERM)
+        dev.wait(timeout=20)
