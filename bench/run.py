@@ -772,44 +772,33 @@ class Bench:
             a.interval if a.interval is not None else interval,
         )
 
-    def burst(self) -> dict[str, Any]:
-        n = self.args.streams or 1000
-        events, interval = self.knobs("burst", 20, 0.05)
-        knobs = {"events": events, "interval": interval}
-        timeout = events * interval + 60
+    def _streams(self, mode: str, n: int, knobs: dict, timeout: float) -> dict[str, dict]:
+        """Open `n` chat streams with `knobs` against each target in turn."""
 
         def load(t: Target) -> tuple[dict, dict]:
-            reqs = t.chat_requests(knobs, n)
             run = LoadRun(
                 t,
-                reqs,
+                t.chat_requests(knobs, n),
                 procs=self.args.procs,
                 stream_timeout=timeout,
                 connect_limit=self.args.connect_limit,
             )
             return run.go().join(), {}
 
-        res = self.each_target("burst", load)
+        return self.each_target(mode, load)
+
+    def burst(self) -> dict[str, Any]:
+        n = self.args.streams or 1000
+        events, interval = self.knobs("burst", 20, 0.05)
+        knobs = {"events": events, "interval": interval}
+        res = self._streams("burst", n, knobs, events * interval + 60)
         return {"params": {"streams": n, **knobs}, "targets": res}
 
     def hold(self) -> dict[str, Any]:
         n = self.args.streams or 5000
         events, interval = self.knobs("hold", 30, 1.0)
         knobs = {"events": events, "interval": interval}
-        timeout = events * interval + 90
-
-        def load(t: Target) -> tuple[dict, dict]:
-            reqs = t.chat_requests(knobs, n)
-            run = LoadRun(
-                t,
-                reqs,
-                procs=self.args.procs,
-                stream_timeout=timeout,
-                connect_limit=self.args.connect_limit,
-            )
-            return run.go().join(), {}
-
-        res = self.each_target("hold", load)
+        res = self._streams("hold", n, knobs, events * interval + 90)
         for r in res.values():
             r["rss_per_stream_kb"] = (r["peak_rss"] - r["idle_rss"]) / n / 1024
         return {"params": {"streams": n, **knobs}, "targets": res}
