@@ -64,6 +64,12 @@ else:
     shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
+# Answers are recorded for resumes in a spool directory that every worker shares: a reconnect
+# lands on whichever worker accepts it. A fresh one per start unless RESUME_SPOOL_DIR names one.
+_own_spool_dir = not os.environ.get("RESUME_SPOOL_DIR")
+if _own_spool_dir:
+    os.environ["RESUME_SPOOL_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-answers-")
+
 
 def post_worker_init(worker):
     """On SIGTERM, end this worker's open streams with a final error event saying the server is
@@ -97,3 +103,5 @@ def child_exit(server, worker):
 def on_exit(server):
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    if _own_spool_dir:
+        shutil.rmtree(os.environ["RESUME_SPOOL_DIR"], ignore_errors=True)

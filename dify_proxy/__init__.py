@@ -8,6 +8,7 @@ imports live inside `create_app`, as flaskr's blueprint imports do.
 
 from __future__ import annotations
 
+import tempfile
 from typing import TYPE_CHECKING
 
 from .settings import Settings, load_settings
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from werkzeug.middleware.proxy_fix import ProxyFix
 
     from . import api, chat, errors, limits, metrics, requestlog
+    from .answers import Answers
     from .auth import Verifier
     from .dify import Dify
     from .quotas import Quotas
@@ -44,6 +46,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         max_streams=settings.max_streams_per_user,
         lease_seconds=settings.stream_lease_seconds,
         daily_token_budget=settings.daily_token_budget,
+    )
+    app.extensions["dify_proxy.answers"] = Answers(
+        settings.resume_spool_dir or tempfile.mkdtemp(prefix="dify-proxy-answers-"),
+        window=settings.resume_window,
+        max_bytes=settings.resume_max_bytes,
+        redis_client=quotas.redis,
+        on_redis_error=quotas.redis_failed,
+        redis_usable=quotas.redis_usable,
     )
     limits.init_app(app, settings)
 

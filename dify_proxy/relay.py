@@ -28,12 +28,15 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from . import sse
+from .answers import Recorder, Source
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
 YIELD_EVERY_SECONDS = 0.005
-_open: dict[queue.Queue, tuple[StreamStats, bool]] = {}  # streams relayed now, and their `ids`
+SEEN_EVERY_SECONDS = 1.0  # how often a resumed client tells the answer it is still reading
+_open: dict[queue.Queue, _Answer] = {}  # every answer still running or still being read
+_done_lock = threading.Lock()
 TERMINAL_EVENTS = frozenset({"message_end", "error"})
 
 
@@ -52,12 +55,31 @@ class StreamStats:
     conversation_id: str | None = None
     message_id: str | None = None
     usage: dict[str, Any] | None = None
+    answer_end: str = "running"  # how the answer ended, which may be after the client left
+    replayed: int | None = None  # on a resume: events sent again from the record
 
 
 @dataclass(frozen=True)
 class _End:
     reason: str
     final: bytes = b""
+
+
+@dataclass
+class _Answer:
+    """One answer being read from Dify, shared by its reader, its client and its linger."""
+
+    upstream: requests.Response
+    stats: StreamStats
+    ids: bool
+    recorder: Recorder | None
+    handoff: queue.Queue = field(default_factory=queue.Queue)
+    attached: bool = True  # the original client is still reading
+    ending: tuple[str, int, str, str] | None = None  # an ending imposed from outside (drain)
+    reason: str = "running"  # how the answer (not the client's stream) ended
+    reader: threading.Thread | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    done: int = 0  # reader and client: on_end runs when both are through
 
 
 def relay(
@@ -67,26 +89,31 @@ def relay(
     stop: Callable[[str], None],
     stats: StreamStats,
     ids: bool = False,
+    recorder: Recorder | None = None,
+    grace: float = 0.0,
     on_tick: Callable[[], None] = lambda: None,
     on_end: Callable[[StreamStats], None] = lambda stats: None,
 ) -> Iterator[bytes]:
     """Yield the client's bytes: the response head at once, then Dify's events unchanged.
 
     With `ids`, the first write is a ping carrying the stream's first id, and every data event
-    carries its own. `on_tick` runs at least once per heartbeat interval while the stream is
-    open (to renew a lease); `on_end` runs once when it closes, however it ended.
+    carries its own. With a `recorder`, every event is also recorded for resumes, and a client
+    that leaves mid-answer leaves Dify running for `grace` seconds, so that a reconnect gets
+    the whole answer. `on_tick` runs at least once per heartbeat interval while the answer runs
+    (to renew a lease); `on_end` runs once when both the answer and the client's stream are
+    over, however they ended.
     """
-    handoff: queue.Queue[bytes | _End] = queue.Queue()
-    reader = threading.Thread(target=_read, args=(upstream, handoff, stats, ids), daemon=True)
-    _open[handoff] = (stats, ids)
+    answer = _Answer(upstream, stats, ids, recorder)
+    answer.reader = threading.Thread(target=_read, args=(answer, stop, on_end), daemon=True)
+    _open[answer.handoff] = answer
     try:
         # An empty write sends the response head now (gunicorn flushes it before the body), so
         # a browser or a router sees the stream open before Dify's first event.
         yield sse.opening(_event_id(stats, 0)) if ids else b""
-        reader.start()
+        answer.reader.start()
         while True:
             try:
-                item = handoff.get(timeout=heartbeat_interval)
+                item = answer.handoff.get(timeout=heartbeat_interval)
             except queue.Empty:
                 on_tick()
                 yield sse.PING
@@ -97,7 +124,7 @@ def relay(
             while isinstance(item, bytes):
                 ready.append(item)
                 try:
-                    item = handoff.get_nowait()
+                    item = answer.handoff.get_nowait()
                 except queue.Empty:
                     item = None
             if ready:
@@ -116,14 +143,50 @@ def relay(
         stats.end = "client_gone"
         raise
     finally:
-        _open.pop(handoff, None)
-        if reader.is_alive():
-            _hang_up(upstream)  # the reader owns the response and closes it on its way out
-        else:
+        answer.attached = False
+        if answer.reader.is_alive():
+            threading.Thread(target=_linger, args=(answer, grace, on_tick), daemon=True).start()
+        elif answer.reader.ident is None:  # never started: the client left at once
             upstream.close()
-        if stats.task_id and stats.end not in ("completed", "upstream_error"):
-            threading.Thread(target=stop, args=(stats.task_id,), daemon=True).start()
-        on_end(stats)
+            answer.finished.set()
+            _done(answer, on_end)
+        _done(answer, on_end)
+
+
+def _done(answer: _Answer, on_end: Callable[[StreamStats], None]) -> None:
+    """Called once by the reader and once by the client's stream; the second runs `on_end`."""
+    with _done_lock:
+        answer.done += 1
+        last = answer.done == 2
+    if last:
+        _open.pop(answer.handoff, None)
+        on_end(answer.stats)
+
+
+def _linger(answer: _Answer, grace: float, on_tick: Callable[[], None]) -> None:
+    """After the client left mid-answer: keep reading Dify while a reconnect may still come.
+
+    The grace starts when the client left and again whenever a resumed client shows it is
+    reading. Once it runs out, Dify's connection is closed, which ends the reader, and the
+    reader asks Dify to stop. Dify's task id comes with its first event, so until then the
+    reader reads on (within the read timeout): a stop call needs the id.
+    """
+    recorder = answer.recorder
+    deadline = time.monotonic() + (grace if recorder is not None else 0.0)
+    while not answer.finished.is_set():
+        if recorder is not None:
+            seen = recorder.seen_at()
+            if seen:
+                # A resumed client shows itself every SEEN_EVERY seconds; a few missed marks,
+                # not one late one, mean it has gone too.
+                keep = max(grace, 3 * SEEN_EVERY_SECONDS)
+                deadline = max(deadline, time.monotonic() - (time.time() - seen) + keep)
+        if time.monotonic() >= deadline and answer.stats.task_id:
+            answer.reason = "abandoned"
+            _hang_up(answer.upstream)
+            return
+        on_tick()
+        answer.finished.wait(min(0.5, max(0.05, deadline - time.monotonic())))
 
 
 def drain() -> int:
@@ -132,32 +195,47 @@ def drain() -> int:
     Called when a worker is told to stop (a deploy's SIGTERM), so browsers see why the answer
     ended and can ask again, instead of a silent cut when the graceful timeout runs out.
     """
-    streams = list(_open.items())
-    for handoff, (stats, ids) in streams:
-        handoff.put(
-            _upstream_failed(
-                stats,
-                ids,
-                "server_restarting",
-                503,
-                "server_restarting",
-                "The server is restarting; the answer is incomplete. Please ask again.",
-            )
+    answers = [answer for answer in _open.values() if not answer.finished.is_set()]
+    for answer in answers:
+        answer.ending = (
+            "server_restarting",
+            503,
+            "server_restarting",
+            "The server is restarting; the answer is incomplete. Please ask again.",
         )
-    return len(streams)
+        _hang_up(answer.upstream)
+    return len(answers)
 
 
-def _read(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats, ids: bool) -> None:
-    """Frame Dify's bytes into whole events and hand them over, one batch per network read."""
-    try:
-        _read_events(upstream, handoff, stats, ids)
-    finally:
-        upstream.close()
-
-
-def _read_events(
-    upstream: requests.Response, handoff: queue.Queue, stats: StreamStats, ids: bool
+def _read(
+    answer: _Answer, stop: Callable[[str], None], on_end: Callable[[StreamStats], None]
 ) -> None:
+    """Frame Dify's bytes into whole events, record them, and hand them to the client."""
+    stats = answer.stats
+    try:
+        end = _read_events(answer)
+    finally:
+        answer.upstream.close()
+    if end.final:
+        stats_seq = stats.events
+        if answer.recorder is not None:
+            answer.recorder.events([("e", stats_seq, end.final)])
+        if answer.ids:
+            end = _End(end.reason, sse.with_id(end.final, _event_id(stats, stats_seq)))
+    if answer.recorder is not None:
+        answer.recorder.end(end.reason)
+    if answer.attached:
+        answer.handoff.put(end)
+    answer.reason = stats.answer_end = end.reason
+    answer.finished.set()
+    _done(answer, on_end)
+    if stats.task_id and end.reason not in ("completed", "upstream_error"):
+        stop(stats.task_id)  # last: a slow Dify must not hold up the stream's ending
+
+
+def _read_events(answer: _Answer) -> _End:
+    """Read until Dify's stream ends; the ending to give the client (its final event unframed)."""
+    upstream, stats, ids, recorder = answer.upstream, answer.stats, answer.ids, answer.recorder
     pending = b""
     terminal: str | None = None
     yielded_at = 0.0
@@ -171,6 +249,7 @@ def _read_events(
             if not events:
                 continue
             out = []
+            records: list[tuple[Any, ...]] = []
             for event in events:
                 if sse.is_data_event(event):
                     stats.events += 1
@@ -179,10 +258,17 @@ def _read_events(
                         _note_ids(stats, sse.event_data(event))
                     if kind in TERMINAL_EVENTS:
                         terminal = kind
+                    if recorder is not None:
+                        records.append(("e", stats.events, event))
                     if ids:
                         event = sse.with_id(event, _event_id(stats, stats.events))
+                elif recorder is not None:
+                    records.append(("p",))
                 out.append(event)  # Dify's pings, and anything else, exactly as sent
-            handoff.put(b"".join(out))
+            if records:
+                recorder.events(records)
+            if answer.attached:
+                answer.handoff.put(b"".join(out))
             # While Dify sends faster than we read, the socket never blocks, and a greenlet
             # only switches when it blocks: without this the writer would wait for the whole
             # burst. Every few milliseconds, not every read, so bursts still go out in big writes.
@@ -191,36 +277,167 @@ def _read_events(
                 time.sleep(0)
                 yielded_at = now
     except Exception as exc:  # noqa: BLE001 -- a silent Dify, a reset, a broken chunk, our close
-        if stats.end != "running":  # we closed it: the generator has already finished
-            return
-        if isinstance(exc, ReadTimeoutError):
-            handoff.put(
-                _upstream_failed(
+        if answer.ending is None and answer.reason != "abandoned":
+            if isinstance(exc, ReadTimeoutError):
+                return _upstream_failed(
                     stats,
-                    ids,
                     "timeout",
                     504,
                     "upstream_timeout",
                     "The chat service went silent; the answer is incomplete.",
                 )
-            )
-            return
-        log.info("dify stream broke: %s", type(exc).__name__)
+            log.info("dify stream broke: %s", type(exc).__name__)
+    if answer.ending is not None:
+        return _upstream_failed(stats, *answer.ending)
+    if answer.reason == "abandoned":
+        return _End("abandoned")
     if terminal == "message_end":
-        handoff.put(_End("completed"))
-    elif terminal == "error":
-        handoff.put(_End("upstream_error"))
-    else:
-        handoff.put(
-            _upstream_failed(
-                stats,
-                ids,
-                "upstream_dropped",
-                502,
-                "upstream_dropped",
-                "The chat service closed the stream early; the answer is incomplete.",
-            )
-        )
+        return _End("completed")
+    if terminal == "error":
+        return _End("upstream_error")
+    return _upstream_failed(
+        stats,
+        "upstream_dropped",
+        502,
+        "upstream_dropped",
+        "The chat service closed the stream early; the answer is incomplete.",
+    )
+
+
+def follow(
+    source: Source,
+    stream_id: str,
+    after: int,
+    *,
+    heartbeat_interval: float,
+    give_up_after: float,
+    stats: StreamStats,
+    mark_seen: Callable[[], None],
+) -> Iterator[bytes] | None:
+    """A resumed stream: the recorded events after `after`, then the live ones, then the end
+    the answer had; or None when the record cannot give the whole rest (it outgrew the cap, or
+    the answer was abandoned), which the caller answers with a 204.
+
+    What is recorded now is read before answering, so that decision comes before any byte.
+    """
+    closed = threading.Event()
+    items = source.items(stop=closed.is_set)
+    recorded: list[tuple[Any, ...]] = []
+    for item in items:
+        if item is None:
+            break
+        if item[0] == "t" or (item[0] == "x" and item[1] == "abandoned"):
+            return None
+        recorded.append(item)
+        if item[0] == "x":
+            break
+    stats.replayed = sum(1 for item in recorded if item[0] == "e" and item[1] > after)
+    if not stats.replayed and recorded and recorded[-1][0] == "x":
+        # The client saw the whole answer: an EventSource reconnecting after the end. The 204
+        # tells it to stop; an empty stream would bring it back every few seconds.
+        return None
+    mark_seen()
+    return _follow(
+        recorded,
+        items,
+        stream_id,
+        after,
+        heartbeat_interval,
+        give_up_after,
+        stats,
+        mark_seen,
+        closed,
+    )
+
+
+def _follow(
+    recorded: list[tuple[Any, ...]],
+    items: Iterator[tuple[Any, ...] | None],
+    stream_id: str,
+    after: int,
+    heartbeat_interval: float,
+    give_up_after: float,
+    stats: StreamStats,
+    mark_seen: Callable[[], None],
+    closed: threading.Event,
+) -> Iterator[bytes]:
+    sid = stream_id.encode()
+    written_at = seen_at = heard_at = time.monotonic()
+    try:
+        yield b""  # the response head, at once
+
+        def framed(batch: list[tuple[Any, ...]]) -> bytes:
+            out = []
+            for item in batch:
+                if item[0] == "e" and item[1] > after:
+                    stats.events += 1
+                    out.append(sse.with_id(item[2], b"%b-%d" % (sid, item[1])))
+            return b"".join(out)
+
+        data = framed(recorded)
+        if data:
+            stats.first_event = time.perf_counter()
+            stats.bytes += len(data)
+            yield data
+        if recorded and recorded[-1][0] == "x":
+            stats.end = recorded[-1][1]
+            return
+        batch: list[tuple[Any, ...]] = []
+        for item in items:
+            now = time.monotonic()
+            if now - seen_at >= SEEN_EVERY_SECONDS:
+                mark_seen()
+                seen_at = now
+            if item is not None:
+                heard_at = now
+                if item[0] in ("t", "x"):
+                    data = framed(batch)
+                    if data:
+                        yield data
+                    if item[0] == "t" or item[1] in ("abandoned", "resume_failed"):
+                        stats.end = "resume_incomplete"
+                        yield _resume_failed(stats)
+                    else:
+                        stats.end = item[1]
+                    return
+                batch.append(item)
+                continue
+            data = framed(batch)
+            batch = []
+            if data:
+                if stats.first_event is None:
+                    stats.first_event = time.perf_counter()
+                stats.bytes += len(data)
+                written_at = now
+                yield data
+            elif now - written_at >= heartbeat_interval:
+                written_at = now
+                yield sse.PING
+            if now - heard_at > give_up_after:  # its worker died without an ending
+                stats.end = "upstream_dropped"
+                yield _upstream_failed(
+                    stats,
+                    "upstream_dropped",
+                    502,
+                    "upstream_dropped",
+                    "The chat service closed the stream early; the answer is incomplete.",
+                ).final
+                return
+    except GeneratorExit:
+        stats.end = "client_gone"
+        raise
+    finally:
+        closed.set()
+
+
+def _resume_failed(stats: StreamStats) -> bytes:
+    return _upstream_failed(
+        stats,
+        "resume_incomplete",
+        503,
+        "resume_incomplete",
+        "The rest of this answer can no longer be resumed; please ask again.",
+    ).final
 
 
 def _note_ids(stats: StreamStats, data: Any) -> None:
@@ -242,27 +459,27 @@ def _event_id(stats: StreamStats, seq: int) -> bytes:
     return b"%b-%d" % (stats.stream_id, seq)
 
 
-def _upstream_failed(
-    stats: StreamStats, ids: bool, reason: str, status: int, code: str, message: str
-) -> _End:
+def _upstream_failed(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:
     """End the client's stream the way Dify ends a failed one: a final `error` data event.
 
     Its status is the truthful one (502, 503, 504), not the 400 that Dify's own web template
     looks for: a front end detects the failure by the `error` event type (see the README).
     """
     stats.events += 1
-    event = sse.data_event(
-        {
-            "event": "error",
-            "conversation_id": stats.conversation_id,
-            "message_id": stats.message_id,
-            "created_at": int(time.time()),
-            "status": status,
-            "code": code,
-            "message": message,
-        }
+    return _End(
+        reason,
+        sse.data_event(
+            {
+                "event": "error",
+                "conversation_id": stats.conversation_id,
+                "message_id": stats.message_id,
+                "created_at": int(time.time()),
+                "status": status,
+                "code": code,
+                "message": message,
+            }
+        ),
     )
-    return _End(reason, sse.with_id(event, _event_id(stats, stats.events)) if ids else event)
 
 
 def _hang_up(upstream: requests.Response) -> None:
