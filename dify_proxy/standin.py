@@ -675,9 +675,7 @@ class StandIn:
         except _HTTPError as e:
             return await self._reply(conn, rec, e.status, e.body(), keep and not e.close)
 
-    async def _inspect(
-        self, conn: _Conn, method: str, path: str, body: bytes, keep: bool
-    ) -> bool:
+    async def _inspect(self, conn: _Conn, method: str, path: str, body: bytes, keep: bool) -> bool:
         """Test-only routes (no auth): what the stand-in saw, so tests can assert on the proxy;
         and recordings to replay, stored by name."""
         if method == "PUT" and path.startswith("/_standin/recordings/"):
