@@ -1,0 +1,112 @@
+"""Code written to read Dify's stream reads the proxy's the same way.
+
+Every pinned published reader (and ports of Dify's own web template and SDK README loop) reads
+a recorded Dify stream twice, straight from the stand-in and through the proxy under gunicorn,
+each with its default headers, delivered in irregular pieces and one event per write, with a
+mid-answer silence long enough for the proxy's 1 s keep-alives to fire. Only `ping` events may
+differ (Dify sends them on a timer too), and an SSE last-event-id may appear through the proxy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from tests.readers import recordings
+from tests.readers.harness import (
+    READERS,
+    Browser,
+    chat_request,
+    node_reading,
+    read_all,
+    run_node,
+)
+from tests.readers.python_readers import Event, Reading
+from tests.support import tokens
+
+SCENARIOS = [(r, d) for r in recordings.RECORDINGS for d in recordings.DELIVERIES]
+SCENARIO_IDS = [f"{r}-{d.name}" for r, d in SCENARIOS]
+
+
+@pytest.fixture(scope="module")
+def readings(browser, standin, proxy):
+    """Every reader's readings of one scenario, run once (all at once) on first use."""
+    pages = Browser(browser)
+    done: dict = {}
+
+    def of(recording: str, delivery: recordings.Delivery) -> dict[tuple[str, str], Reading]:
+        key = (recording, delivery.name)
+        if key not in done:
+            done[key] = read_all(pages, standin.url, proxy.url, delivery.knobs(recording))
+        return done[key]
+
+    yield of
+    pages.close()
+
+
+def is_ping(event: Event) -> bool:
+    return event.type == "ping"
+
+
+def is_no_op(event: Event) -> bool:
+    """Dify's template calls onData('') for a line cut across reads; appending '' to the answer
+    shows nothing, and where reads are cut is the network's business."""
+    if event.type != "onData":
+        return False
+    message, _, more = json.loads(event.data)
+    return message == "" and "errorMessage" not in more
+
+
+def seen(reading: Reading) -> list[tuple[str, str]]:
+    """What the application sees, ping events and ids aside."""
+    return [(e.type, e.data) for e in reading.events if not is_ping(e) and not is_no_op(e)]
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize(("recording", "delivery"), SCENARIOS, ids=SCENARIO_IDS)
+def test_reader_sees_the_same_events_through_the_proxy_as_straight_from_dify(
+    readings, reader, recording, delivery
+):
+    got = readings(recording, delivery)
+    dify, proxy = got[reader, "dify"], got[reader, "proxy"]
+    assert seen(proxy) == seen(dify)
+    assert proxy.ended == dify.ended
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize(("recording", "delivery"), SCENARIOS, ids=SCENARIO_IDS)
+def test_no_ping_from_dify_vanishes_through_the_proxy(readings, reader, recording, delivery):
+    got = readings(recording, delivery)
+    dify, proxy = got[reader, "dify"], got[reader, "proxy"]
+    pings = [sum(map(is_ping, r.events)) for r in (dify, proxy)]
+    assert pings[1] >= pings[0]
+
+
+def test_eventsource_reconnecting_after_the_answer_gets_a_204_and_dify_is_asked_once(
+    standin, proxy
+):
+    standin.reset()
+    knobs = {"replay_recording": "agent_error"}
+    request = chat_request("eventsource", "proxy", standin.url, proxy.url, knobs)
+    reading = node_reading(run_node("eventsource", request, reconnect=True))
+    assert reading.ended == "error after 1 open(s), code 204"
+    assert len(standin.chats()) == 1
+
+
+@pytest.mark.parametrize("accept", [None, "text/event-stream"], ids=["default", "ids"])
+@pytest.mark.parametrize(("recording", "delivery"), SCENARIOS, ids=SCENARIO_IDS)
+def test_data_lines_through_the_proxy_are_the_recordings_bytes(proxy, recording, delivery, accept):
+    headers = {"Authorization": f"Bearer {tokens.hs256()}"}
+    if accept:
+        headers["Accept"] = accept
+    body = {"message": "hi", "inputs": {"_standin": delivery.knobs(recording)}}
+    with requests.post(
+        f"{proxy.url}/api/chat", json=body, headers=headers, stream=True, timeout=30
+    ) as response:
+        received = response.raw.read()
+    recorded = recordings.body(recording)
+    assert recordings.data_lines(received) == recordings.data_lines(recorded)
+    # and the proxy's keep-alives fired during the stall, on top of Dify's own pings
+    assert recordings.ping_count(received) > recordings.ping_count(recorded)
