@@ -1,6 +1,7 @@
 """SSE framing on raw bytes: whatever the read boundaries, events come out whole and unchanged."""
 
 import json
+import re
 
 import pytest
 
@@ -95,3 +96,32 @@ def test_data_event_is_compact_json_with_raw_utf8():
     assert sse.data_event({"event": "error", "message": "é"}) == (
         'data: {"event":"error","message":"é"}\n\n'.encode()
     )
+
+
+@pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n"])
+def test_an_id_goes_last_in_the_event_and_keeps_difys_line_ends(end):
+    event = b'data: {"event":"message"}' + end
+    framed = sse.with_id(event, b"s-1")
+    assert framed.startswith(b'data: {"event":"message"}' + end[: len(end) // 2])
+    assert sse.cut_events(framed) == ([framed], b"")
+    assert [line for line in re.split(rb"\r\n|\r|\n", framed) if line][-1] == b"id: s-1"
+
+
+@pytest.mark.parametrize(
+    ("event", "is_data"),
+    [
+        (b"data: {}\n\n", True),
+        (b"data:{}\n\n", True),
+        (b"event: message\ndata: {}\n\n", True),
+        (b"event: ping\n\n", False),
+        (b": comment data: x\n\n", False),
+        (b"id: 3\r\rdata: x\r\r", True),
+    ],
+)
+def test_a_data_event_is_a_block_with_a_data_line(event, is_data):
+    assert sse.is_data_event(event) is is_data
+
+
+def test_the_opening_is_a_ping_that_carries_an_id():
+    assert sse.opening(b"s-0") == b"event: ping\nid: s-0\n\n"
+    assert sse.event_type(sse.opening(b"s-0")) == "ping"
