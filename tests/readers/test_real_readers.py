@@ -10,6 +10,7 @@ differ (Dify sends them on a timer too), and an SSE last-event-id may appear thr
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -95,18 +96,90 @@ def test_eventsource_reconnecting_after_the_answer_gets_a_204_and_dify_is_asked_
     assert len(standin.chats()) == 1
 
 
-@pytest.mark.parametrize("accept", [None, "text/event-stream"], ids=["default", "ids"])
+ACCEPTS = {"default": None, "ids": "text/event-stream"}
+SSE_READERS = [r for r in READERS if r not in ("dify-handle-stream", "dify-sdk-readme-loop")]
+
+
+@pytest.fixture(scope="module")
+def raw_bodies(proxy) -> dict[tuple[str, str, str], bytes]:
+    """The proxy's raw bytes for every scenario, without and with Accept: text/event-stream."""
+
+    def read(recording: str, delivery: recordings.Delivery, accept: str | None) -> bytes:
+        headers = {"Authorization": f"Bearer {tokens.hs256()}"}
+        if accept:
+            headers["Accept"] = accept
+        body = {"message": "hi", "inputs": {"_standin": delivery.knobs(recording)}}
+        with requests.post(
+            f"{proxy.url}/api/chat", json=body, headers=headers, stream=True, timeout=30
+        ) as response:
+            return response.raw.read()
+
+    jobs = [(r, d, mode) for r, d in SCENARIOS for mode in ACCEPTS]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        bodies = pool.map(lambda job: read(job[0], job[1], ACCEPTS[job[2]]), jobs)
+        return {(r, d.name, mode): got for (r, d, mode), got in zip(jobs, bodies, strict=True)}
+
+
+@pytest.mark.parametrize("mode", ACCEPTS)
 @pytest.mark.parametrize(("recording", "delivery"), SCENARIOS, ids=SCENARIO_IDS)
-def test_data_lines_through_the_proxy_are_the_recordings_bytes(proxy, recording, delivery, accept):
-    headers = {"Authorization": f"Bearer {tokens.hs256()}"}
-    if accept:
-        headers["Accept"] = accept
-    body = {"message": "hi", "inputs": {"_standin": delivery.knobs(recording)}}
-    with requests.post(
-        f"{proxy.url}/api/chat", json=body, headers=headers, stream=True, timeout=30
-    ) as response:
-        received = response.raw.read()
-    recorded = recordings.body(recording)
-    assert recordings.data_lines(received) == recordings.data_lines(recorded)
-    # and the proxy's keep-alives fired during the stall, on top of Dify's own pings
-    assert recordings.ping_count(received) > recordings.ping_count(recorded)
+def test_data_lines_through_the_proxy_are_the_recordings_bytes(
+    raw_bodies, recording, delivery, mode
+):
+    received = raw_bodies[recording, delivery.name, mode]
+    assert recordings.data_lines(received) == recordings.data_lines(recordings.body(recording))
+
+
+@pytest.mark.parametrize("mode", ACCEPTS)
+@pytest.mark.parametrize(("recording", "delivery"), SCENARIOS, ids=SCENARIO_IDS)
+def test_keep_alives_fired_during_the_stall_on_top_of_difys_pings(
+    raw_bodies, recording, delivery, mode
+):
+    received = raw_bodies[recording, delivery.name, mode]
+    assert recordings.ping_count(received) > recordings.ping_count(recordings.body(recording))
+
+
+@pytest.mark.parametrize("path", ["dify", "proxy"])
+@pytest.mark.parametrize("reader", SSE_READERS)
+@pytest.mark.parametrize(("recording", "delivery"), SCENARIOS, ids=SCENARIO_IDS)
+def test_sse_reader_hands_over_exactly_the_recorded_data_events(
+    readings, reader, path, recording, delivery
+):
+    """Raw U+2028, emoji, CJK, right-to-left text and `data: ` inside an answer included."""
+    reading = readings(recording, delivery)[reader, path]
+    recorded = [line[6:].decode() for line in recordings.data_lines(recordings.body(recording))]
+    assert seen(reading) == [("message", data) for data in recorded]
+
+
+@pytest.mark.parametrize("path", ["dify", "proxy"])
+@pytest.mark.parametrize(("recording", "delivery"), SCENARIOS, ids=SCENARIO_IDS)
+def test_sdk_readme_loop_parses_every_event_before_difys_first_ping_then_raises_on_it(
+    readings, path, recording, delivery
+):
+    reading = readings(recording, delivery)["dify-sdk-readme-loop", path]
+    data = recordings.body(recording)
+    before_ping = data[: data.index(recordings.PING)]
+    expected = [json.loads(line[6:]) for line in recordings.data_lines(before_ping)]
+    assert [json.loads(e.data) for e in reading.events] == expected
+    assert reading.ended == "raised JSONDecodeError on 'event: ping'"
+
+
+@pytest.mark.parametrize("path", ["dify", "proxy"])
+@pytest.mark.parametrize(("recording", "delivery"), SCENARIOS, ids=SCENARIO_IDS)
+def test_dify_handle_stream_calls_back_once_per_event_it_knows(readings, path, recording, delivery):
+    reading = readings(recording, delivery)["dify-handle-stream", path]
+    callbacks = {
+        "message": "onData",
+        "agent_message": "onData",
+        "agent_thought": "onThought",
+        "message_file": "onFile",
+        "message_end": "onMessageEnd",
+        "message_replace": "onMessageReplace",
+        "workflow_started": "onWorkflowStarted",
+        "workflow_finished": "onWorkflowFinished",
+        "node_started": "onNodeStarted",
+        "node_finished": "onNodeFinished",
+        "error": "onData",  # with errorMessage, as the template reports a status-400 error
+    }
+    recorded = [json.loads(line[6:]) for line in recordings.data_lines(recordings.body(recording))]
+    expected = [callbacks[e["event"]] for e in recorded if e["event"] in callbacks]
+    assert [type_ for type_, _ in seen(reading)] == expected
