@@ -183,3 +183,13 @@ def test_dify_handle_stream_calls_back_once_per_event_it_knows(readings, path, r
     recorded = [json.loads(line[6:]) for line in recordings.data_lines(recordings.body(recording))]
     expected = [callbacks[e["event"]] for e in recorded if e["event"] in callbacks]
     assert [type_ for type_, _ in seen(reading)] == expected
+
+
+@pytest.mark.parametrize("reader", ["eventsource", "event-source-polyfill", "fetch-event-source"])
+@pytest.mark.parametrize(("recording", "delivery"), SCENARIOS, ids=SCENARIO_IDS)
+def test_eventsource_clients_get_an_id_on_every_event_through_the_proxy(
+    readings, reader, recording, delivery
+):
+    events = [e for e in readings(recording, delivery)[reader, "proxy"].events if not is_ping(e)]
+    stream = events[0].id.rsplit("-", 1)[0]
+    assert [e.id for e in events] == [f"{stream}-{n}" for n in range(1, len(events) + 1)]
