@@ -44,10 +44,20 @@ backlog = 4096
 keepalive = 5
 # For gevent workers `timeout` only bounds a blocked event loop, not a request's length.
 timeout = 30
-# A deploy's SIGTERM: open streams get a final "server restarting" error event at once (see
-# post_worker_init), then the worker waits up to this long for them to finish closing.
-# Heroku sends SIGKILL 30 s after SIGTERM.
-graceful_timeout = 20
+# A deploy's SIGTERM (Heroku sends it to every process of the dyno, and SIGKILL 30 s later):
+# each worker stops taking new questions (a 503 with Retry-After), lets the answers it is
+# streaming finish until a deadline, `graceful_timeout` minus a margin, and ends what is still
+# running then with a final "server_restarting" event. Then gunicorn waits for the streams to
+# close, up to graceful_timeout, before it kills anything.
+graceful_timeout = 25
+
+
+def drain_deadline(graceful: float) -> float:
+    """Seconds after SIGTERM at which answers still running are ended: time for the final
+    event to be written and the worker to exit before gunicorn's (and the host's) kill."""
+    return max(0.0, graceful - min(3.0, graceful * 0.2))
+
+
 accesslog = None  # the app writes its own request line, without query strings
 # gunicorn 25+ opens a control socket at a fixed path in $HOME: not needed on a platform, and
 # two instances on one machine (tests, benchmarks) would fight over it.
@@ -72,23 +82,51 @@ if _own_spool_dir:
 
 
 def post_worker_init(worker):
-    """On SIGTERM, end this worker's open streams with a final error event saying the server is
-    restarting (a browser can then ask again), instead of a silent cut when the graceful
-    timeout runs out. The handler runs in gevent's loop, so it only spawns the work."""
+    """On SIGTERM, drain this worker's answers (see graceful_timeout above) instead of a silent
+    cut when the graceful timeout runs out. The handler runs in gevent's loop, so it only
+    spawns the work; a second SIGTERM (the master's, after the host's) changes nothing."""
     import signal
 
     import gevent
 
-    from dify_proxy.relay import drain
+    from dify_proxy.answers import flush_all
+    from dify_proxy.relay import ServerRestarting, drain
 
     stop_accepting = worker.handle_exit
+    deadline = drain_deadline(worker.cfg.graceful_timeout)
+    started = []
+
+    def drain_and_report():
+        import logging
+
+        from dify_proxy import metrics
+
+        counts = drain(
+            deadline, interrupt=lambda greenlet: greenlet.kill(ServerRestarting, block=False)
+        )
+        flush_all()  # the records a client resumes from on another instance
+        for outcome, count in counts.items():
+            metrics.DRAIN.labels(outcome).inc(count)
+        logging.getLogger("dify_proxy.drain").info(
+            "drained", extra={"fields": {"deadline_s": deadline, **counts}}
+        )
 
     def handle_exit(sig, frame):
         stop_accepting(sig, frame)
-        gevent.spawn(drain)
+        if not started:
+            started.append(gevent.spawn(drain_and_report))
+            worker.dify_proxy_drain = started[0]
 
     worker.handle_exit = handle_exit
     signal.signal(signal.SIGTERM, handle_exit)
+
+
+def worker_exit(server, worker):
+    """gunicorn stops waiting once no request is open, but an answer whose client left may
+    still be running for a resume (RESUME_GRACE): the drain sees those through too."""
+    drain = getattr(worker, "dify_proxy_drain", None)
+    if drain is not None:
+        drain.join(timeout=worker.cfg.graceful_timeout)
 
 
 def child_exit(server, worker):

@@ -9,7 +9,7 @@ imports live inside `create_app`, as flaskr's blueprint imports do.
 from __future__ import annotations
 
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings, load_settings
 
@@ -25,7 +25,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, chat, errors, limits, metrics, requestlog
+    from . import api, chat, errors, limits, metrics, relay, requestlog
     from .answers import Answers
     from .auth import Verifier
     from .dify import Dify
@@ -87,13 +87,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> dict[str, object]:
+    def readyz() -> Any:
         """Readiness: configuration (checked at start) and Redis; never Dify.
 
         A Redis outage is reported but still ready: chat keeps working on per-process limits,
         and taking every instance out of rotation because a shared Redis is down would turn a
-        degraded service into no service.
+        degraded service into no service. A worker that is draining for a restart is not
+        ready: it takes no new questions.
         """
+        if relay.draining():
+            return {"status": "draining", "checks": {"config": "ok"}}, 503
         redis_state = "not configured"
         if settings.redis_url:
             redis_state = "ok" if quotas.check_redis() else "unavailable"

@@ -89,6 +89,15 @@ class Recorder:
             self._answers.queue_redis(self.stream_id, items)
 
 
+_instances: list[Answers] = []
+
+
+def flush_all(timeout: float = 2.0) -> None:
+    """Send what every Answers of this process has queued for Redis (a worker about to exit)."""
+    for answers in _instances:
+        answers.flush_redis(timeout)
+
+
 class Answers:
     """Where records live: the spool directory, and Redis when configured."""
 
@@ -112,6 +121,8 @@ class Answers:
         self._flusher: threading.Thread | None = None
         self._swept_at = 0.0
         self._lock = threading.Lock()
+        self._flushing = 0
+        _instances.append(self)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -133,10 +144,14 @@ class Answers:
     def _flush_forever(self) -> None:
         while True:
             batch = [self._pending.get()]
+            self._flushing = 1
             with contextlib.suppress(queue.Empty):
                 while len(batch) < 2000:
                     batch.append(self._pending.get_nowait())
-            self._flush(batch)
+            try:
+                self._flush(batch)
+            finally:
+                self._flushing = 0
 
     def _flush(self, batch: list[tuple[str, list[Item]]]) -> None:
         assert self.redis is not None
@@ -160,7 +175,7 @@ class Answers:
     def flush_redis(self, timeout: float = 2.0) -> None:
         """Wait until what is queued for Redis has been sent (a worker about to exit)."""
         deadline = time.monotonic() + timeout
-        while not self._pending.empty() and time.monotonic() < deadline:
+        while (self._flushing or not self._pending.empty()) and time.monotonic() < deadline:
             time.sleep(0.01)
 
     # -- attaching ---------------------------------------------------------------------------

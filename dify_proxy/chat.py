@@ -14,6 +14,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import greenlet
 import requests
 from flask import Blueprint, Response, current_app, g, request
 
@@ -24,7 +25,7 @@ from .dify import Dify
 from .errors import ApiError
 from .limits import per_user
 from .quotas import Quotas
-from .relay import StreamStats, follow, relay
+from .relay import ServerRestarting, StreamStats, draining, follow, relay, waiting_for_dify
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 log = logging.getLogger(__name__)
@@ -166,6 +167,9 @@ def answer(payload: dict[str, Any]) -> Response:
     quotas: Quotas = current_app.extensions["dify_proxy.quotas"]
     dify: Dify = current_app.extensions["dify_proxy.dify"]
     user = g.user_id
+    if draining():
+        metrics.DRAIN.labels("refused").inc()
+        raise _restarting()
     if quotas.over_budget(user):
         metrics.RATE_LIMITED.labels("tokens").inc()
         raise ApiError(
@@ -185,11 +189,17 @@ def answer(payload: dict[str, Any]) -> Response:
             {"Retry-After": "5"},
         )
     streaming = payload["response_mode"] == "streaming"
+    done_waiting = waiting_for_dify(greenlet.getcurrent())
     try:
         upstream = dify.chat(payload, stream=streaming)
+    except ServerRestarting:
+        quotas.release_stream(user, lease)
+        raise _restarting() from None
     except BaseException:
         quotas.release_stream(user, lease)
         raise
+    finally:
+        done_waiting()
     if not streaming or not _is_event_stream(upstream):
         with upstream:
             quotas.release_stream(user, lease)
@@ -283,6 +293,17 @@ def resume(event_id: str) -> Response:
         status=200,
         content_type="text/event-stream; charset=utf-8",
         headers=STREAM_HEADERS,
+    )
+
+
+def _restarting() -> ApiError:
+    """A new question on a worker that is stopping: a clear 503 before any streaming, which
+    the client (or the router) retries on an instance that stays."""
+    return ApiError(
+        503,
+        "server_restarting",
+        "The server is restarting; ask again in a moment.",
+        {"Retry-After": "1"},
     )
 
 

@@ -47,6 +47,12 @@ ANSWERS_ABANDONED = Counter(
     "dify_proxy_answers_abandoned_total",
     "Answers stopped because no client came back within RESUME_GRACE",
 )
+DRAIN = Counter(
+    "dify_proxy_drain_answers_total",
+    "Answers during a restart's drain: finished, ended_at_deadline, interrupted (still waiting "
+    "for Dify at the deadline), refused (new questions after the worker was told to stop)",
+    ["outcome"],
+)
 RATE_LIMITED = Counter(
     "dify_proxy_rate_limited_total", "Requests refused by a per-user limit", ["limit"]
 )

@@ -37,6 +37,9 @@ YIELD_EVERY_SECONDS = 0.005
 SEEN_EVERY_SECONDS = 1.0  # how often a resumed client tells the answer it is still reading
 _open: dict[queue.Queue, _Answer] = {}  # every answer still running or still being read
 _done_lock = threading.Lock()
+_draining = threading.Event()
+_waiting: set[Any] = set()  # requests waiting for Dify's response head
+RECONNECT_AFTER_MS = 1000  # the `retry:` hint on a restart's final event
 TERMINAL_EVENTS = frozenset({"message_end", "error"})
 
 
@@ -189,22 +192,63 @@ def _linger(answer: _Answer, grace: float, on_tick: Callable[[], None]) -> None:
         answer.finished.wait(min(0.5, max(0.05, deadline - time.monotonic())))
 
 
-def drain() -> int:
-    """End every open stream with a final error event saying the server is restarting.
+class ServerRestarting(BaseException):
+    """Thrown into a request still waiting for Dify's response head when the drain deadline
+    comes. A BaseException, like GreenletExit, so that no library's `except Exception` on the
+    way up can swallow it."""
 
-    Called when a worker is told to stop (a deploy's SIGTERM), so browsers see why the answer
-    ended and can ask again, instead of a silent cut when the graceful timeout runs out.
+
+def draining() -> bool:
+    """Whether this worker has been told to stop: new questions then get a 503 at once."""
+    return _draining.is_set()
+
+
+def waiting_for_dify(handle: Any) -> Callable[[], None]:
+    """Register a request that waits for Dify's response head (its greenlet); returns the
+    call that unregisters it. The drain interrupts those still waiting at its deadline."""
+    _waiting.add(handle)
+    return lambda: _waiting.discard(handle)
+
+
+def drain(
+    deadline: float, interrupt: Callable[[Any], None] = lambda handle: None
+) -> dict[str, int]:
+    """Let open answers finish for `deadline` seconds, then end the rest with a final error
+    event saying the server is restarting (recorded, so a client can resume elsewhere).
+
+    Called when a worker is told to stop (a deploy's SIGTERM). Most answers finish within a few
+    seconds, and a cut answer is one that somebody asks, and pays for, again. Requests still
+    waiting for Dify's first byte at the deadline are interrupted with `interrupt`, which
+    turns them into a 503 before any streaming. Returns how many answers finished, were
+    ended at the deadline, or were interrupted before streaming.
     """
-    answers = [answer for answer in _open.values() if not answer.finished.is_set()]
-    for answer in answers:
+    _draining.set()
+    until = time.monotonic() + deadline
+    running = [answer for answer in _open.values() if not answer.finished.is_set()]
+    while time.monotonic() < until:
+        if not _waiting and all(answer.finished.is_set() for answer in list(_open.values())):
+            break
+        time.sleep(0.1)
+    ended = [answer for answer in _open.values() if not answer.finished.is_set()]
+    for answer in ended:
         answer.ending = (
             "server_restarting",
             503,
             "server_restarting",
-            "The server is restarting; the answer is incomplete. Please ask again.",
+            "The server is restarting; the answer is incomplete. Reconnect to get what was "
+            "recorded, or ask again.",
         )
         _hang_up(answer.upstream)
-    return len(answers)
+    interrupted = list(_waiting)
+    for handle in interrupted:
+        interrupt(handle)
+    for answer in ended:
+        answer.finished.wait(2.0)
+    return {
+        "finished": sum(1 for answer in running if answer not in ended),
+        "ended_at_deadline": len(ended),
+        "interrupted": len(interrupted),
+    }
 
 
 def _read(
@@ -221,7 +265,10 @@ def _read(
         if answer.recorder is not None:
             answer.recorder.events([("e", stats_seq, end.final)])
         if answer.ids:
-            end = _End(end.reason, sse.with_id(end.final, _event_id(stats, stats_seq)))
+            final = sse.with_id(end.final, _event_id(stats, stats_seq))
+            if end.reason == "server_restarting":  # come back soon, to whichever instance
+                final = sse.with_retry(final, RECONNECT_AFTER_MS)
+            end = _End(end.reason, final)
     if answer.recorder is not None:
         answer.recorder.end(end.reason)
     if answer.attached:
