@@ -38,6 +38,10 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
 # Open connections per worker: each open stream is one (plus its connection to Dify).
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "5000"))
 backlog = 4096
+# Heroku's router takes request lines up to 8 KB; gunicorn's default (4094 bytes) would refuse,
+# with a 414 page, a GET /api/chat (event-source-polyfill) whose question fits the router.
+# 8190 is gunicorn's maximum; header fields keep its default, 8190 bytes, also the router's.
+limit_request_line = 8190
 # Heroku's router keeps idle client connections 90 s and needs some byte every 55 s on a
 # response: streams send keep-alives (HEARTBEAT_INTERVAL), and between requests a short
 # keep-alive frees the slot.

@@ -150,7 +150,11 @@ def origins(origin_ports, proxy, tmp_path_factory) -> Iterator[Origins]:
 @pytest.fixture(scope="package")
 def browser():
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/setup --dev", pytrace=False)
+        pytest.fail(
+            f"{CHROMIUM} is missing, and the browser tests drive it: as root run"
+            " scripts/setup --dev, or apt-get install --no-install-recommends chromium",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     playwright = sync_playwright().start()
