@@ -114,9 +114,11 @@ def post_worker_init(worker):
         logging.getLogger("dify_proxy.drain").info(
             "drained", extra={"fields": {"deadline_s": deadline, **counts}}
         )
+        stop_accepting(signal.SIGTERM, None)  # now gunicorn closes the listener and exits
 
     def handle_exit(sig, frame):
-        stop_accepting(sig, frame)
+        # Keep accepting while draining: a new question then gets a 503 it can act on at once,
+        # where a closed listener would leave it waiting in the backlog until the master exits.
         if not started:
             started.append(gevent.spawn(drain_and_report))
             worker.dify_proxy_drain = started[0]
