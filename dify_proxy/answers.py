@@ -122,6 +122,8 @@ class Answers:
         self._swept_at = 0.0
         self._lock = threading.Lock()
         self._flushing = 0
+        # Answers with items that never reached Redis: False until a "t" marker was sent.
+        self._broken: dict[str, bool] = {}
         _instances.append(self)
 
     # -- writing ---------------------------------------------------------------------------
@@ -156,10 +158,21 @@ class Answers:
     def _flush(self, batch: list[tuple[str, list[Item]]]) -> None:
         assert self.redis is not None
         if not self._redis_usable():
+            for stream_id, _ in batch:
+                self._broken.setdefault(stream_id, False)
             return
         pipe = self.redis.pipeline(transaction=False)
         keys = set()
         for stream_id, items in batch:
+            if stream_id in self._broken:
+                # Some of this answer never reached Redis: say so once, so that a resume from
+                # Redis gets the 204 instead of an answer with a hole in it.
+                if self._broken[stream_id]:
+                    if any(item[0] == "x" for item in items):
+                        del self._broken[stream_id]  # its end: nothing more will come
+                    continue
+                self._broken[stream_id] = True
+                items = [("t",)]
             key = REDIS_PREFIX + stream_id
             keys.add(key)
             for item in items:
@@ -171,6 +184,8 @@ class Answers:
             pipe.execute()
         except redis.RedisError as exc:
             self._on_redis_error(exc)
+            for stream_id, _ in batch:
+                self._broken.setdefault(stream_id, False)
 
     def flush_redis(self, timeout: float = 2.0) -> None:
         """Wait until what is queued for Redis has been sent (a worker about to exit)."""
