@@ -25,7 +25,8 @@ from .dify import Dify
 from .errors import ApiError
 from .limits import per_user
 from .quotas import Quotas
-from .relay import ServerRestarting, StreamStats, draining, follow, relay, waiting_for_dify
+from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
+from .resume import follow
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from . import sse
-from .answers import Recorder, Source
+from .answers import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def _read_events(answer: _Answer) -> _End:
     except Exception as exc:  # noqa: BLE001 -- a silent Dify, a reset, a broken chunk, our close
         if answer.ending is None and answer.reason != "abandoned":
             if isinstance(exc, ReadTimeoutError):
-                return _upstream_failed(
+                return upstream_failed(
                     stats,
                     "timeout",
                     504,
@@ -335,156 +335,20 @@ def _read_events(answer: _Answer) -> _End:
                 )
             log.info("dify stream broke: %s", type(exc).__name__)
     if answer.ending is not None:
-        return _upstream_failed(stats, *answer.ending)
+        return upstream_failed(stats, *answer.ending)
     if answer.reason == "abandoned":
         return _End("abandoned")
     if terminal == "message_end":
         return _End("completed")
     if terminal == "error":
         return _End("upstream_error")
-    return _upstream_failed(
+    return upstream_failed(
         stats,
         "upstream_dropped",
         502,
         "upstream_dropped",
         "The chat service closed the stream early; the answer is incomplete.",
     )
-
-
-def follow(
-    source: Source,
-    stream_id: str,
-    after: int,
-    *,
-    heartbeat_interval: float,
-    give_up_after: float,
-    stats: StreamStats,
-    mark_seen: Callable[[], None],
-) -> Iterator[bytes] | None:
-    """A resumed stream: the recorded events after `after`, then the live ones, then the end
-    the answer had; or None when the record cannot give the whole rest (it outgrew the cap, or
-    the answer was abandoned), which the caller answers with a 204.
-
-    What is recorded now is read before answering, so that decision comes before any byte.
-    """
-    closed = threading.Event()
-    items = source.items(stop=closed.is_set)
-    recorded: list[tuple[Any, ...]] = []
-    for item in items:
-        if item is None:
-            break
-        if item[0] == "t" or (item[0] == "x" and item[1] == "abandoned"):
-            return None
-        recorded.append(item)
-        if item[0] == "x":
-            break
-    stats.replayed = sum(1 for item in recorded if item[0] == "e" and item[1] > after)
-    if not stats.replayed and recorded and recorded[-1][0] == "x":
-        # The client saw the whole answer: an EventSource reconnecting after the end. The 204
-        # tells it to stop; an empty stream would bring it back every few seconds.
-        return None
-    mark_seen()
-    return _follow(
-        recorded,
-        items,
-        stream_id,
-        after,
-        heartbeat_interval,
-        give_up_after,
-        stats,
-        mark_seen,
-        closed,
-    )
-
-
-def _follow(
-    recorded: list[tuple[Any, ...]],
-    items: Iterator[tuple[Any, ...] | None],
-    stream_id: str,
-    after: int,
-    heartbeat_interval: float,
-    give_up_after: float,
-    stats: StreamStats,
-    mark_seen: Callable[[], None],
-    closed: threading.Event,
-) -> Iterator[bytes]:
-    sid = stream_id.encode()
-    written_at = seen_at = heard_at = time.monotonic()
-    try:
-        yield b""  # the response head, at once
-
-        def framed(batch: list[tuple[Any, ...]]) -> bytes:
-            out = []
-            for item in batch:
-                if item[0] == "e" and item[1] > after:
-                    stats.events += 1
-                    out.append(sse.with_id(item[2], b"%b-%d" % (sid, item[1])))
-            return b"".join(out)
-
-        data = framed(recorded)
-        if data:
-            stats.first_event = time.perf_counter()
-            stats.bytes += len(data)
-            yield data
-        if recorded and recorded[-1][0] == "x":
-            stats.end = recorded[-1][1]
-            return
-        batch: list[tuple[Any, ...]] = []
-        for item in items:
-            now = time.monotonic()
-            if now - seen_at >= SEEN_EVERY_SECONDS:
-                mark_seen()
-                seen_at = now
-            if item is not None:
-                heard_at = now
-                if item[0] in ("t", "x"):
-                    data = framed(batch)
-                    if data:
-                        yield data
-                    if item[0] == "t" or item[1] in ("abandoned", "resume_failed"):
-                        stats.end = "resume_incomplete"
-                        yield _resume_failed(stats)
-                    else:
-                        stats.end = item[1]
-                    return
-                batch.append(item)
-                continue
-            data = framed(batch)
-            batch = []
-            if data:
-                if stats.first_event is None:
-                    stats.first_event = time.perf_counter()
-                stats.bytes += len(data)
-                written_at = now
-                yield data
-            elif now - written_at >= heartbeat_interval:
-                written_at = now
-                yield sse.PING
-            if now - heard_at > give_up_after:  # its worker died without an ending
-                stats.end = "upstream_dropped"
-                yield _upstream_failed(
-                    stats,
-                    "upstream_dropped",
-                    502,
-                    "upstream_dropped",
-                    "The chat service closed the stream early; the answer is incomplete.",
-                ).final
-                return
-    except GeneratorExit:
-        stats.end = "client_gone"
-        raise
-    finally:
-        closed.set()
-
-
-def _resume_failed(stats: StreamStats) -> bytes:
-    return _upstream_failed(
-        stats,
-        "resume_incomplete",
-        503,
-        "resume_incomplete",
-        "The rest of this answer can no longer be resumed; please ask again.",
-    ).final
 
 
 def _note_ids(stats: StreamStats, data: Any) -> None:
@@ -506,7 +370,7 @@ def _event_id(stats: StreamStats, seq: int) -> bytes:
     return b"%b-%d" % (stats.stream_id, seq)
 
 
-def _upstream_failed(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:
+def upstream_failed(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:
     """End the client's stream the way Dify ends a failed one: a final `error` data event.
 
     Its status is the truthful one (502, 503, 504), not the 400 that Dify's own web template
