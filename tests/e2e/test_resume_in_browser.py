@@ -7,6 +7,8 @@ open connection at once, so the browser sees its stream reset and the proxy sees
 
 from __future__ import annotations
 
+import json
+
 from tests.e2e.conftest import FETCH, POLYFILL
 
 # Numbered words, so that a repeated or a missing piece shows in the text.
@@ -14,6 +16,7 @@ WORDS = " ".join(f"w{n:02d}" for n in range(1, 17))
 SLOW = {"text": WORDS, "interval": 0.3}  # about 5 s of answer, one word per event
 QUICK = {"events": 3, "interval": 0.05}
 RECONNECT_GRACE = 2.5  # s: past the polyfill's 1 s reconnect and fetch-event-source's 1 s retry
+UNFINISHED = "dify-proxy-demo:unfinished"  # the page's sessionStorage key
 
 
 def resumed(demo_page) -> list[str]:
@@ -117,3 +120,40 @@ def test_a_reload_after_the_answer_ended_resumes_nothing_with_fetch_event_source
     demo_page, proxy, standin
 ):
     check_a_reload_after_the_answer_ended_resumes_nothing(demo_page, proxy, standin, FETCH)
+
+
+# --- an answer the proxy cannot resume ------------------------------------------------------
+
+
+def check_a_reload_with_an_answer_gone_from_the_record_says_so(
+    demo_page, proxy, standin, transport
+):
+    """What a reload finds after the answer expired or was abandoned: the proxy's 204."""
+    demo_page.open(proxy.url, transport)
+    unknown = {"question": "long ago", "resumeFrom": "A" * 22 + "-0"}
+    demo_page.page.evaluate(
+        "([key, value]) => sessionStorage.setItem(key, value)", [UNFINISHED, json.dumps(unknown)]
+    )
+    demo_page.reload()
+    state, text = demo_page.wait_until("done", "error")
+    demo_page.pause(RECONNECT_GRACE)
+
+    assert (state, text) == (
+        "error",
+        "The connection was lost and the answer can no longer be resumed; please ask again.",
+    )
+    assert demo_page.turns() == [("long ago", "")]
+    assert [r.response().status for r, _ in demo_page.resumes()] == [204]
+    assert standin.chats() == []
+
+
+def test_a_reload_with_an_answer_gone_from_the_record_says_so_with_the_eventsource_polyfill(
+    demo_page, proxy, standin
+):
+    check_a_reload_with_an_answer_gone_from_the_record_says_so(demo_page, proxy, standin, POLYFILL)
+
+
+def test_a_reload_with_an_answer_gone_from_the_record_says_so_with_fetch_event_source(
+    demo_page, proxy, standin
+):
+    check_a_reload_with_an_answer_gone_from_the_record_says_so(demo_page, proxy, standin, FETCH)

@@ -114,7 +114,7 @@ function savedUnfinished() {
 // Every event id is `<stream>-<n>` (the stream id itself may contain "-"). The first one seen
 // names the stream; what is kept is its opening id, so that a resume replays the whole answer.
 function noteId(run, id) {
-  if (run.resumeFrom || !id || run.ended) return;
+  if (run.resumeFrom || !id || run.ended || run.stopping) return;
   const dash = id.lastIndexOf("-");
   if (dash <= 0) return;
   run.resumeFrom = `${id.slice(0, dash)}-0`;
