@@ -99,9 +99,12 @@ def opening(event_id: bytes) -> bytes:
 
     A drop before Dify's first event is then a reconnect too. It rides on `event: ping`
     rather than a comment or an empty block, which fetch-event-source and httpx-sse would hand
-    over as an empty message that `JSON.parse` fails on.
+    over as an empty message that `JSON.parse` fails on. Its empty `data:` line (no space, so
+    readers of `data: ` lines pass it by) is there because event-source-polyfill only keeps
+    the id of an event that has data; a spec reader dispatches it as a `ping` event, as it
+    does Dify's own pings.
     """
-    return b"event: ping\nid: " + event_id + b"\n\n"
+    return b"event: ping\ndata:\nid: " + event_id + b"\n\n"
 
 
 def data_event(payload: dict[str, Any]) -> bytes:

@@ -25,7 +25,14 @@ def body(name: str) -> bytes:
 
 
 def data_lines(data: bytes) -> list[bytes]:
-    return [line for line in data.split(b"\n") if line.startswith(b"data:")]
+    """The `data:` lines of every block but pings (the proxy's opening ping has an empty one)."""
+    return [
+        line
+        for block in data.split(b"\n\n")
+        if not block.startswith(b"event: ping")
+        for line in block.split(b"\n")
+        if line.startswith(b"data:")
+    ]
 
 
 def ping_count(data: bytes) -> int:

@@ -24,8 +24,9 @@ class Received:
         return [part + b"\n\n" for part in self.body.split(b"\n\n") if part]
 
     def data_events(self) -> list[bytes]:
-        """Each data event as Dify sent it: the block without the proxy's `id:` line."""
-        return [_without_id(e) for e in self.events() if b"data:" in e]
+        """Each data event as Dify sent it: the block without the proxy's `id:` line (pings,
+        the opening one with its empty `data:` line included, are not data events)."""
+        return [_without_id(e) for e in self.events() if b"data: " in e]
 
     def ids(self) -> list[str]:
         return [
@@ -39,7 +40,7 @@ class Received:
         return [json.loads(e[len(b"data: ") :]) for e in self.data_events()]
 
     def pings(self) -> int:
-        return sum(1 for e in self.events() if _without_id(e) == b"event: ping\n\n")
+        return sum(1 for e in self.events() if _without_id(e).startswith(b"event: ping\n"))
 
 
 def _without_id(event: bytes) -> bytes:

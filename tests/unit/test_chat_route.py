@@ -171,14 +171,14 @@ def sse_post(client, auth):
 
 
 def test_with_ids_every_data_event_ends_with_a_unique_id_line(client, auth, dify_stream):
-    data_blocks = [b for b in blocks(sse_post(client, auth).get_data()) if b"data:" in b]
+    data_blocks = [b for b in blocks(sse_post(client, auth).get_data()) if b"data: " in b]
     ids = [b.rsplit(b"\n", 1)[1] for b in data_blocks]
     assert all(i.startswith(b"id: ") for i in ids)
     assert len(set(ids)) == len(ids) == 2
 
 
 def test_with_ids_the_data_lines_are_difys_own_bytes(client, auth, dify_stream):
-    data_blocks = [b for b in blocks(sse_post(client, auth).get_data()) if b"data:" in b]
+    data_blocks = [b for b in blocks(sse_post(client, auth).get_data()) if b"data: " in b]
     assert [b.rsplit(b"\n", 1)[0] for b in data_blocks] == [
         b for b in blocks(STREAM) if b"data:" in b
     ]
@@ -189,7 +189,7 @@ def test_with_ids_the_first_id_rides_on_a_ping_so_an_early_drop_is_also_a_reconn
 ):
     first = blocks(sse_post(client, auth).get_data())[0]
     assert first.split(b"\n")[0] == b"event: ping"
-    assert first.split(b"\n")[1].startswith(b"id: ")
+    assert first.split(b"\n")[2].startswith(b"id: ")
 
 
 def test_event_ids_name_the_stream_with_at_least_128_random_bits(client, auth, dify_stream):

@@ -123,5 +123,5 @@ def test_a_data_event_is_a_block_with_a_data_line(event, is_data):
 
 
 def test_the_opening_is_a_ping_that_carries_an_id():
-    assert sse.opening(b"s-0") == b"event: ping\nid: s-0\n\n"
+    assert sse.opening(b"s-0") == b"event: ping\ndata:\nid: s-0\n\n"
     assert sse.event_type(sse.opening(b"s-0")) == "ping"

@@ -219,8 +219,11 @@ function viaPolyfill(run, body, auth, resumeFrom) {
     withCredentials: auth.cookie,
   });
   source.onopen = () => connected(run);
+  // The opening ping (`event: ping`, an empty `data:` and `<stream>-0`) names the stream before
+  // Dify's first event, so a reload or a cut before it can resume too.
+  source.addEventListener("ping", (event) => noteId(run, event.lastEventId));
   source.onmessage = (event) => {
-    noteId(run, event.lastEventId); // the polyfill sees no id on the data-less opening ping
+    noteId(run, event.lastEventId);
     if (event.data) handle(run, JSON.parse(event.data));
   };
   source.onerror = (event) => {
