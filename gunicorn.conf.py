@@ -48,6 +48,15 @@ timeout = 30
 # post_worker_init), then the worker waits up to this long for them to finish closing.
 # Heroku sends SIGKILL 30 s after SIGTERM.
 graceful_timeout = 20
+# Request heads. @supabase/ssr splits a large session into cookies of about 3,200 characters, all
+# in one Cookie header: three chunks (about 9.5 KB) passed gunicorn's default 8,190-byte field
+# limit and got a 431. 16 KiB per field holds four chunks; fewer fields (a browser sends about
+# 20, a router adds about 8) keep the largest possible head (fields x size) where the defaults
+# had it, about 800 KB. The request line gets gunicorn's maximum, 8,190 bytes, which is what
+# Heroku's router allows too (see the README: hosts in front have limits of their own).
+limit_request_line = 8190
+limit_request_field_size = 16384
+limit_request_fields = 50
 accesslog = None  # the app writes its own request line, without query strings
 # gunicorn 25+ opens a control socket at a fixed path in $HOME: not needed on a platform, and
 # two instances on one machine (tests, benchmarks) would fight over it.

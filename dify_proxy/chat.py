@@ -16,7 +16,7 @@ from typing import Any
 import requests
 from flask import Blueprint, Response, current_app, g, request
 
-from . import metrics
+from . import jsontext, metrics
 from .auth import require_session
 from .dify import Dify
 from .errors import ApiError
@@ -47,7 +47,7 @@ def read_json_object() -> dict[str, Any]:
         )
     raw = request.get_data(cache=False)
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = jsontext.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise bad_request("The request body is not valid UTF-8.") from None
     except ValueError as exc:
@@ -108,9 +108,11 @@ def query_body() -> dict[str, Any]:
     }
     if "inputs" in request.args:
         try:
-            body["inputs"] = json.loads(request.args["inputs"])
-        except ValueError:
-            raise bad_request("inputs must be a JSON object string, such as {}.") from None
+            body["inputs"] = jsontext.loads(request.args["inputs"])
+        except ValueError as exc:
+            raise bad_request(
+                f"inputs must be a JSON object string, such as {{}}; this one is not: {exc}."
+            ) from None
     return body
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g
 from flask_limiter import Limiter
 
-from .quotas import REDIS_TIMEOUT_SECONDS
+from .quotas import redis_options
 from .settings import Settings
 
 # Fixed windows, not moving ones: the in-memory storage sweeps every key it holds every 10 ms
@@ -35,12 +35,7 @@ def init_app(app: Flask, settings: Settings) -> None:
     app.config.update(
         RATELIMIT_ENABLED=settings.rate_limit is not None,
         RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
-        RATELIMIT_STORAGE_OPTIONS={
-            "socket_timeout": REDIS_TIMEOUT_SECONDS,
-            "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
-        }
-        if settings.redis_url
-        else {},
+        RATELIMIT_STORAGE_OPTIONS=redis_options(settings.redis_url) if settings.redis_url else {},
     )
     limiter.init_app(app)
 

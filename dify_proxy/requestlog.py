@@ -50,14 +50,19 @@ def init_app(app: Flask, level: str) -> None:
 
 
 def _configure_logging(level: str) -> None:
-    logger = logging.getLogger("dify_proxy")
-    logger.setLevel(level)
-    if not any(getattr(h, "_dify_proxy", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.formatter = JsonFormatter()
-        handler.formatter.converter = time.gmtime
-        handler._dify_proxy = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    """Our loggers, and Python's warnings (a library's deprecation or key-length warning), go
+    out as JSON lines: a log drain that indexes JSON should never meet a bare text line."""
+    logging.captureWarnings(True)
+    for name in ("dify_proxy", "py.warnings"):
+        logger = logging.getLogger(name)
+        if name == "dify_proxy":
+            logger.setLevel(level)
+        if not any(getattr(h, "_dify_proxy", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.formatter = JsonFormatter()
+            handler.formatter.converter = time.gmtime
+            handler._dify_proxy = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
 
 
 def _start() -> None:

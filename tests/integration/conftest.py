@@ -16,6 +16,7 @@ from tests.support.standin_client import StandIn
 DIFY_KEY = "app-integration-secret-key-3f9a7c21d4e8"
 HEARTBEAT = 0.5
 READ_TIMEOUT = 3
+AUTH_COOKIE = "sb-integration-auth-token"
 
 
 @dataclass
@@ -56,6 +57,7 @@ def proxy(standin, tmp_path_factory) -> Iterator[Proxy]:
         # The suite asks many questions as one user; the limits have tests of their own.
         "RATE_LIMIT": "10000/minute",
         "MAX_STREAMS_PER_USER": "100",
+        "SUPABASE_AUTH_COOKIE": AUTH_COOKIE,
     }
     process, url = processes.start_proxy(env, log_path)
     yield Proxy(url, log_path)

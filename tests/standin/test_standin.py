@@ -362,3 +362,17 @@ def test_sigterm_exits_cleanly_with_a_stream_open() -> None:
         next(chunks(f))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(5) == 0
+
+
+def test_a_lone_surrogate_in_a_message_is_answered_and_kept_in_the_call_log(base: str) -> None:
+    """Issue 11, item 13: `"a\\ud800b"` is valid JSON whose text cannot be UTF-8 encoded; the
+    stand-in answers it, and its call log still reads (with the escape kept), as it did before."""
+    question = {"query": "a\ud800b", "user": "u1", "response_mode": "blocking", "inputs": {}}
+    body = json.dumps(question)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    answer = requests.post(f"{base}/chat-messages", data=body, headers=headers, timeout=5)
+    assert answer.status_code == 200
+    assert answer.json()["answer"]
+    log = requests.get(base.removesuffix("/v1") + "/_standin/calls", timeout=5)
+    assert log.status_code == 200
+    assert [c["json"]["query"] for c in log.json()] == ["a\ud800b"]
