@@ -65,13 +65,18 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
 # Prometheus multiprocess mode: every worker writes its samples under this directory, and
-# /metrics sums them. A fresh directory per start, so a restart does not add old counts.
+# /metrics sums them. A fresh directory per start, so a restart does not add old counts. It is
+# made once the port is bound (when_ready, before any worker forks): a start that fails to bind
+# used to leave an empty directory behind.
 _own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if _own_metrics_dir:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-metrics-")
-else:
+if not _own_metrics_dir:
     shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+
+def when_ready(server):
+    if _own_metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-metrics-")
 
 
 def post_worker_init(worker):
@@ -104,5 +109,5 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _own_metrics_dir:
+    if _own_metrics_dir and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -29,12 +29,14 @@ from .chat import (
     STREAM_HEADERS,
     bad_request,
     read_json_object,
+    refuse_head,
     validate_uuid,
 )
-from .dify import Dify
+from .dify import Dify, unreadable_answer
 from .errors import ApiError
 
 bp = Blueprint("api", __name__, url_prefix="/api")
+bp.before_request(refuse_head)
 
 MIN_LIMIT, MAX_LIMIT = 1, 100
 SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
@@ -59,9 +61,7 @@ def json_answer(upstream: requests.Response) -> Response:
         try:
             json.loads(upstream.content)
         except ValueError:
-            raise ApiError(
-                502, "upstream_error", "The chat service sent an unreadable answer."
-            ) from None
+            raise unreadable_answer() from None
         return Response(
             upstream.content, status=upstream.status_code, content_type="application/json"
         )

@@ -15,16 +15,28 @@ from typing import Any
 
 import requests
 from flask import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from . import jsontext, metrics
 from .auth import require_session
-from .dify import Dify
+from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import per_user
 from .quotas import Quotas
 from .relay import StreamStats, relay
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
+
+
+def refuse_head() -> None:
+    """Flask answers HEAD with the GET view, which here would call Dify (and, for /api/chat,
+    take a stream lease that a HEAD response never gives back). No HEAD reaches Dify."""
+    if request.method == "HEAD" and request.url_rule is not None:
+        allowed = sorted((request.url_rule.methods or set()) - {"HEAD"})
+        raise MethodNotAllowed(valid_methods=allowed)
+
+
+bp.before_request(refuse_head)
 
 MAX_MESSAGE_CHARS = 32_000
 RESPONSE_MODES = ("streaming", "blocking")
@@ -176,9 +188,7 @@ def answer(payload: dict[str, Any]) -> Response:
             try:
                 body = json.loads(upstream.content)
             except ValueError:
-                raise ApiError(
-                    502, "upstream_error", "The chat service sent an unreadable answer."
-                ) from None
+                raise unreadable_answer() from None
             _count_tokens(quotas, user, (body.get("metadata") or {}).get("usage"))
             return Response(upstream.content, status=200, content_type="application/json")
 

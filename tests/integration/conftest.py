@@ -64,6 +64,35 @@ def proxy(standin, tmp_path_factory) -> Iterator[Proxy]:
     processes.stop(process)
 
 
+@pytest.fixture
+def start_proxy(standin, tmp_path):
+    """Start proxies (instances) with extra environment; all stopped after the test."""
+    started = []
+
+    def start(**env: str) -> Proxy:
+        log_path = tmp_path / f"gunicorn-{len(started)}.log"
+        process, url = processes.start_proxy(
+            {
+                "DIFY_API_KEY": DIFY_KEY,
+                "DIFY_API_URL": standin.url,
+                "SUPABASE_JWT_SECRET": tokens.SECRET,
+                "HEARTBEAT_INTERVAL": "0.5",
+                "WEB_CONCURRENCY": "2",
+                "LOG_LEVEL": "DEBUG",
+                **env,
+            },
+            log_path,
+        )
+        started.append(process)
+        proxy = Proxy(url, log_path)
+        proxy.process = process
+        return proxy
+
+    yield start
+    for process in started:
+        processes.stop(process)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_call_log(request):
     if "standin" in request.fixturenames:

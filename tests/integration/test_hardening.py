@@ -3,14 +3,22 @@ each through real gunicorn against the stand-in (which must not be called for ba
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 from urllib.parse import quote
 
 import pytest
 import requests
 
 from tests.integration.conftest import AUTH_COOKIE
-from tests.support import tokens
+from tests.support import processes, tokens
+from tests.support.raw_http import exchange, request_head
 
 
 def bearer(token: str | None = None) -> dict[str, str]:
@@ -119,3 +127,126 @@ def test_a_lone_surrogate_in_a_message_is_400_before_dify(proxy, standin):
     )
     assert_error(response, 400, "invalid_param")
     assert standin.calls() == []
+
+
+# --- 3. HEAD /api/chat -------------------------------------------------------------------------
+
+
+def open_streams_gauge(proxy) -> float:
+    text = requests.get(f"{proxy.url}/metrics", timeout=5).text
+    match = re.search(r"^dify_proxy_open_streams (\S+)$", text, re.M)
+    return float(match[1]) if match else 0.0
+
+
+@pytest.mark.parametrize("path", ["/api/chat?message=hi", "/api/conversations", "/api/parameters"])
+def test_3_head_never_calls_dify(proxy, standin, path):
+    responses = [
+        requests.head(f"{proxy.url}{path}", headers=bearer(), timeout=10) for _ in range(4)
+    ]
+    assert [r.status_code for r in responses] == [405] * 4
+    assert "HEAD" not in responses[0].headers["Allow"]
+    assert "GET" in responses[0].headers["Allow"]
+    assert standin.calls() == []
+
+
+def test_3_heads_leave_no_stream_lease_behind(start_proxy, standin):
+    proxy = start_proxy(MAX_STREAMS_PER_USER="1")
+    for _ in range(3):
+        requests.head(f"{proxy.url}/api/chat?message=hi", headers=bearer(), timeout=10)
+    response = requests.get(
+        f"{proxy.url}/api/chat", params={"message": "hi"}, headers=bearer(), timeout=10
+    )
+    assert response.status_code == 200
+    assert open_streams_gauge(proxy) == 0
+
+
+# --- 4. metric labels from fixed sets ----------------------------------------------------------
+
+
+def test_4_made_up_methods_add_no_metric_series(proxy):
+    methods = [f"X{n:04d}" for n in range(200)]
+    for method in methods:
+        exchange(proxy.url, request_head(method, "/api/chat", {"Content-Length": "0"}))
+    metrics = requests.get(f"{proxy.url}/metrics", timeout=5).text
+    assert not any(f'method="{method}"' in metrics for method in methods)
+    assert 'method="other"' in metrics
+    series = [line for line in metrics.splitlines() if line.startswith("dify_proxy_requests_total")]
+    assert len(series) < 50
+
+
+# --- 11. a large Supabase cookie session -------------------------------------------------------
+
+
+def test_11_a_session_cookie_in_three_chunks_is_accepted(proxy, standin):
+    """@supabase/ssr splits the session at about 3,200 characters; three chunks (about 9.5 KB
+    in one Cookie header) got 431 from gunicorn's default 8,190-byte field limit."""
+    session = {
+        "access_token": tokens.hs256(),
+        "refresh_token": "r" * 40,
+        "user": {"id": tokens.USER_ID, "user_metadata": {"bio": "x" * 6000}},
+    }
+    value = "base64-" + base64.urlsafe_b64encode(json.dumps(session).encode()).decode()
+    chunks = [value[i : i + 3180] for i in range(0, len(value), 3180)]
+    assert len(chunks) == 3
+    cookie = "; ".join(f"{AUTH_COOKIE}.{n}={chunk}" for n, chunk in enumerate(chunks))
+    assert len(cookie) > 9000
+    response = requests.post(
+        f"{proxy.url}/api/chat",
+        json={"message": "hi", "response_mode": "blocking"},
+        headers={"Cookie": cookie, "Origin": proxy.url},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    assert len(standin.chats()) == 1
+
+
+# --- 14. minor -----------------------------------------------------------------------------
+
+
+def test_14_retry_after_is_not_sent_on_a_200(proxy, standin):
+    response = proxy.chat({"message": "hi", "response_mode": "blocking"})
+    assert response.status_code == 200
+    assert "Retry-After" not in response.headers
+
+
+def test_14_bad_input_does_not_use_up_the_rate_limit(start_proxy, standin):
+    proxy = start_proxy(RATE_LIMIT="2/minute")
+    for _ in range(5):
+        assert proxy.chat({"message": " "}).status_code == 400
+        response = requests.post(f"{proxy.url}/api/chat", data="hi", headers=bearer(), timeout=10)
+        assert response.status_code == 415
+    blocking = {"message": "hi", "response_mode": "blocking"}
+    assert [proxy.chat(blocking).status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_14_demo_static_files_get_a_request_log_line(start_proxy):
+    proxy = start_proxy(ENABLE_DEMO="1")
+    assert requests.get(f"{proxy.url}/demo/static/demo.css", timeout=10).status_code == 200
+    deadline = time.monotonic() + 10
+    while '"path": "/demo/static/demo.css"' not in proxy.log():
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.05)
+
+
+def test_14_a_failed_bind_leaves_no_metrics_directory(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(tmp_path),
+            "TMPDIR": str(tmp_path),
+            "DIFY_API_KEY": "app-bind-test-key-0123456789",
+            "SUPABASE_JWT_SECRET": tokens.SECRET,
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "gunicorn", "app:app", "--config", "gunicorn.conf.py",
+             "--bind", f"127.0.0.1:{port}"],
+            cwd=processes.ROOT,
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert list(tmp_path.glob("dify-proxy-metrics-*")) == []
