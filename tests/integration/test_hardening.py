@@ -18,7 +18,7 @@ import requests
 
 from tests.integration.conftest import AUTH_COOKIE
 from tests.support import processes, tokens
-from tests.support.raw_http import exchange, request_head
+from tests.support.raw_http import connect, exchange, read_response, request_head
 
 
 def bearer(token: str | None = None) -> dict[str, str]:
@@ -250,3 +250,121 @@ def test_14_a_failed_bind_leaves_no_metrics_directory(tmp_path):
         )  # fmt: skip
     assert result.returncode != 0
     assert list(tmp_path.glob("dify-proxy-metrics-*")) == []
+
+
+# --- 5. slow upload bodies ----------------------------------------------------------------------
+
+
+def slow_upload_head(sub: str, length: int = 100_000) -> bytes:
+    return request_head(
+        "POST",
+        "/api/files/upload",
+        {
+            "Authorization": f"Bearer {tokens.hs256(sub=sub)}",
+            "Content-Type": "multipart/form-data; boundary=b",
+            "Content-Length": str(length),
+        },
+    )
+
+
+def test_5_many_slow_uploads_do_not_stop_healthz(start_proxy, standin):
+    """More slow uploads than the worker has connection slots, one byte a second each: uploads
+    over the per-user cap get 429 before their body is read, the rest 408 once they fall behind
+    the minimum pace, and /healthz answers throughout. Before, every slot stayed taken."""
+    proxy = start_proxy(WEB_CONCURRENCY="1", WORKER_CONNECTIONS="40", RATE_LIMIT="10000/minute")
+    users = [f"00000000-0000-4000-8000-0000000005{n:02d}" for n in range(4)]
+    uploads = []
+    for n in range(60):
+        sock = connect(proxy.url, timeout=60)
+        sock.setblocking(False)
+        uploads.append(sock)
+        try:
+            sock.send(slow_upload_head(users[n % len(users)]) + b"-")
+        except BlockingIOError:
+            pass
+    statuses: dict[int, int] = {}
+    healthz = []
+    deadline = time.monotonic() + 45
+    while len(statuses) < len(uploads) and time.monotonic() < deadline:
+        for n, sock in enumerate(uploads):
+            if n in statuses:
+                continue
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data is not None:
+                statuses[n] = int(data.split()[1]) if data.startswith(b"HTTP/1.1") else 0
+                continue
+            try:
+                sock.send(b"-")
+            except (BlockingIOError, OSError):
+                pass
+        healthz.append(requests.get(f"{proxy.url}/healthz", timeout=15).status_code)
+        time.sleep(1)
+    for sock in uploads:
+        sock.close()
+    assert healthz and set(healthz) == {200}
+    assert len(statuses) == len(uploads), f"{len(uploads) - len(statuses)} uploads still open"
+    counts = {status: list(statuses.values()).count(status) for status in set(statuses.values())}
+    assert set(counts) <= {408, 429}, counts
+    assert 1 <= counts.get(408, 0) <= 2 * len(users), counts  # at most 2 at a time per user
+    assert standin.calls() == []
+
+
+def test_5_an_upload_that_stalls_gets_408_and_never_reaches_dify(proxy, standin):
+    with connect(proxy.url, timeout=30) as sock:
+        sock.sendall(slow_upload_head(tokens.USER_ID) + b"--b\r\n")
+        response = read_response(sock)
+    assert response.status == 408
+    assert response.json()["code"] == "request_timeout"
+    assert standin.calls() == []
+
+
+def test_5_uploads_count_under_the_rate_limit(start_proxy, standin):
+    proxy = start_proxy(RATE_LIMIT="2/minute")
+    statuses = [
+        requests.post(
+            f"{proxy.url}/api/files/upload",
+            files={"file": ("a.txt", b"hello", "text/plain")},
+            headers=bearer(),
+            timeout=10,
+        ).status_code
+        for _ in range(3)
+    ]
+    assert statuses == [201, 201, 429]
+    assert len([c for c in standin.calls() if c["path"] == "/v1/files/upload"]) == 2
+
+
+# --- 10. malformed chunked bodies ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"-1\r\nx\r\n0\r\n\r\n",
+        b"0x10\r\n0123456789abcdef\r\n0\r\n\r\n",
+        b"+10\r\n0123456789abcdef\r\n0\r\n\r\n",
+        b"10 \r\n0123456789abcdef\r\n0\r\n\r\n",
+        b"2\r\n{}XX0\r\n\r\n",  # no CRLF after the chunk's data
+    ],
+    ids=["minus-one", "hex-prefix", "plus-sign", "trailing-space", "missing-terminator"],
+)
+def test_10_a_malformed_chunked_body_is_400(proxy, standin, body):
+    head = request_head(
+        "POST",
+        "/api/chat",
+        {
+            **bearer(),
+            "Content-Type": "application/json",
+            "Transfer-Encoding": "chunked",
+            "Connection": "close",
+        },
+    )
+    response = exchange(proxy.url, head + body)
+    assert response.status == 400
+    assert response.json()["status"] == 400
+    assert standin.calls() == []
+    assert_no_traceback(proxy)
