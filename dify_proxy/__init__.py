@@ -25,7 +25,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, bodies, chat, errors, limits, metrics, requestlog
+    from . import api, bodies, chat, errors, limits, metrics, openapi, requestlog
     from .auth import Verifier
     from .dify import Dify
     from .quotas import Quotas
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(chat.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(openapi.bp)
     if settings.enable_demo:
         from . import demo
 

@@ -93,8 +93,8 @@ def chat_payload(body: dict[str, Any], user: str) -> dict[str, Any]:
     if not isinstance(inputs, dict):
         raise bad_request("inputs must be a JSON object.")
     files = body.get("files", [])
-    if not isinstance(files, list):
-        raise bad_request("files must be a list.")
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise bad_request("files must be a list of file objects.")
     mode = body.get("response_mode", "streaming")
     if mode not in RESPONSE_MODES:
         raise bad_request("response_mode must be 'streaming' or 'blocking'.")
