@@ -168,7 +168,9 @@ HOSTILE_COOKIES = st.one_of(
     COOKIE_TEXT,
     st.builds(lambda t: "base64-" + t, COOKIE_TEXT),
     st.builds(lambda b: "base64-" + base64.urlsafe_b64encode(b).decode(), st.binary(max_size=200)),
-    st.builds(nested_value, st.integers(1, 4000), st.sampled_from(["list", "object"])),
+    # Deep, yet under gunicorn's 16 KiB header limit (over it, gunicorn answers 431 itself).
+    st.builds(nested_value, st.integers(1, 4000), st.just("list")),
+    st.builds(nested_value, st.integers(1, 2000), st.just("object")),
     st.builds(
         lambda token, enc: session_value(token, enc, 0),
         forged_tokens(),
