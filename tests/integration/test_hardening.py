@@ -210,7 +210,7 @@ def test_14_retry_after_is_not_sent_on_a_200(proxy, standin):
 
 
 def test_14_bad_input_does_not_use_up_the_rate_limit(start_proxy, standin):
-    proxy = start_proxy(RATE_LIMIT="2/minute")
+    proxy = start_proxy(RATE_LIMIT="2/minute", WEB_CONCURRENCY="1")  # one process: one count
     for _ in range(5):
         assert proxy.chat({"message": " "}).status_code == 400
         response = requests.post(f"{proxy.url}/api/chat", data="hi", headers=bearer(), timeout=10)
@@ -324,7 +324,7 @@ def test_5_an_upload_that_stalls_gets_408_and_never_reaches_dify(proxy, standin)
 
 
 def test_5_uploads_count_under_the_rate_limit(start_proxy, standin):
-    proxy = start_proxy(RATE_LIMIT="2/minute")
+    proxy = start_proxy(RATE_LIMIT="2/minute", WEB_CONCURRENCY="1")  # one process: one count
     statuses = [
         requests.post(
             f"{proxy.url}/api/files/upload",
