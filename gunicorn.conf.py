@@ -40,7 +40,7 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "5000"))
 backlog = 4096
 # Heroku's router takes request lines up to 8 KB; gunicorn's default (4094 bytes) would refuse,
 # with a 414 page, a GET /api/chat (event-source-polyfill) whose question fits the router.
-# 8190 is gunicorn's maximum; header fields keep its default, 8190 bytes, also the router's.
+# 8190 is gunicorn's maximum. Header fields: see "Request heads" below.
 limit_request_line = 8190
 # Heroku's router keeps idle client connections 90 s and needs some byte every 55 s on a
 # response: streams send keep-alives (HEARTBEAT_INTERVAL), and between requests a short
@@ -62,6 +62,14 @@ def drain_deadline(graceful: float) -> float:
     return max(0.0, graceful - min(3.0, graceful * 0.2))
 
 
+# Request heads. @supabase/ssr splits a large session into cookies of about 3,200 characters, all
+# in one Cookie header: three chunks (about 9.5 KB) passed gunicorn's default 8,190-byte field
+# limit and got a 431. 16 KiB per field holds four chunks; fewer fields (a browser sends about
+# 20, a router adds about 8) keep the largest possible head (fields x size) where the defaults
+# had it, about 800 KB. Hosts in front have limits of their own (see the README: Heroku's router
+# refuses any header line over 8,192 bytes, so there a large session needs Authorization).
+limit_request_field_size = 16384
+limit_request_fields = 50
 accesslog = None  # the app writes its own request line, without query strings
 # gunicorn 25+ opens a control socket at a fixed path in $HOME: not needed on a platform, and
 # two instances on one machine (tests, benchmarks) would fight over it.
@@ -70,19 +78,25 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
 # Prometheus multiprocess mode: every worker writes its samples under this directory, and
-# /metrics sums them. A fresh directory per start, so a restart does not add old counts.
+# /metrics sums them. A fresh directory per start, so a restart does not add old counts. It is
+# made once the port is bound (when_ready, before any worker forks): a start that fails to bind
+# used to leave an empty directory behind.
 _own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if _own_metrics_dir:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-metrics-")
-else:
+if not _own_metrics_dir:
     shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 # Answers are recorded for resumes in a spool directory that every worker shares: a reconnect
-# lands on whichever worker accepts it. A fresh one per start unless RESUME_SPOOL_DIR names one.
+# lands on whichever worker accepts it. A fresh one per start (made once the port is bound, in
+# when_ready) unless RESUME_SPOOL_DIR names one.
 _own_spool_dir = not os.environ.get("RESUME_SPOOL_DIR")
-if _own_spool_dir:
-    os.environ["RESUME_SPOOL_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-answers-")
+
+
+def when_ready(server):
+    if _own_metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-metrics-")
+    if _own_spool_dir:
+        os.environ["RESUME_SPOOL_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-answers-")
 
 
 def post_worker_init(worker):
@@ -145,7 +159,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _own_metrics_dir:
+    if _own_metrics_dir and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-    if _own_spool_dir:
+    if _own_spool_dir and os.environ.get("RESUME_SPOOL_DIR"):
         shutil.rmtree(os.environ["RESUME_SPOOL_DIR"], ignore_errors=True)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
 MAX_BODY_BYTES = 1024 * 1024
+MAX_UPLOADS_PER_USER = 2  # file or audio bodies coming in at once, per user (see api.py)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -25,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, chat, errors, limits, metrics, relay, requestlog
+    from . import api, bodies, chat, errors, limits, metrics, openapi, relay, requestlog
     from .answers import Answers
     from .auth import Verifier
     from .dify import Dify
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Heroku's router (and most hosts) terminate TLS and say so in X-Forwarded-Proto; the
     # same-origin check for cookie sessions needs the scheme the browser used.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1)  # type: ignore[method-assign]
+    app.wsgi_app = bodies.PacedBodies(app.wsgi_app)  # type: ignore[method-assign]
     app.config.update(SETTINGS=settings, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     requestlog.init_app(app, settings.log_level)
 
@@ -46,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         max_streams=settings.max_streams_per_user,
         lease_seconds=settings.stream_lease_seconds,
         daily_token_budget=settings.daily_token_budget,
+        max_uploads=MAX_UPLOADS_PER_USER,
     )
     app.extensions["dify_proxy.answers"] = Answers(
         settings.resume_spool_dir or tempfile.mkdtemp(prefix="dify-proxy-answers-"),
@@ -76,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(chat.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(openapi.bp)
     if settings.enable_demo:
         from . import demo
 

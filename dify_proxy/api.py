@@ -23,18 +23,23 @@ from flask import Blueprint, Response, current_app, g, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.datastructures import FileStorage
 
+from . import bodies, metrics
 from .auth import require_session
 from .chat import (
     MAX_MESSAGE_CHARS,
     STREAM_HEADERS,
     bad_request,
     read_json_object,
+    refuse_head,
     validate_uuid,
 )
-from .dify import Dify
+from .dify import Dify, unreadable_answer
 from .errors import ApiError
+from .limits import per_user
+from .quotas import Quotas
 
 bp = Blueprint("api", __name__, url_prefix="/api")
+bp.before_request(refuse_head)
 
 MIN_LIMIT, MAX_LIMIT = 1, 100
 SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
@@ -59,9 +64,7 @@ def json_answer(upstream: requests.Response) -> Response:
         try:
             json.loads(upstream.content)
         except ValueError:
-            raise ApiError(
-                502, "upstream_error", "The chat service sent an unreadable answer."
-            ) from None
+            raise unreadable_answer() from None
         return Response(
             upstream.content, status=upstream.status_code, content_type="application/json"
         )
@@ -291,20 +294,48 @@ def uploaded_file() -> tuple[FileStorage, str]:
 
 
 def forward_upload(path: str) -> Response:
-    upload, filename = uploaded_file()
-    body = MultipartBody({"user": g.user_id}, upload, filename)
-    upstream = dify().call("POST", path, data=body, headers={"Content-Type": body.content_type})
-    return json_answer(upstream)
+    """At most MAX_UPLOADS_PER_USER bodies per user come in at once (one user with thousands of
+    slow uploads held every connection slot); the lease is renewed while the body arrives."""
+    quotas: Quotas = current_app.extensions["dify_proxy.quotas"]
+    user = g.user_id
+    lease = quotas.acquire_upload(user)
+    if lease is None:
+        metrics.RATE_LIMITED.labels("uploads").inc()
+        raise ApiError(
+            429,
+            "too_many_uploads",
+            f"At most {quotas.max_uploads} uploads at a time; wait for one to finish.",
+            {"Retry-After": "5"},
+        )
+    renewed_at = monotonic()
+
+    def renew() -> None:
+        nonlocal renewed_at
+        if monotonic() - renewed_at >= quotas.lease_seconds / 3:
+            renewed_at = monotonic()
+            quotas.renew_upload(user, lease)
+
+    request.environ[bodies.PROGRESS_KEY] = renew
+    try:
+        upload, filename = uploaded_file()
+        body = MultipartBody({"user": user}, upload, filename)
+        upstream = dify().call("POST", path, data=body, headers={"Content-Type": body.content_type})
+        return json_answer(upstream)
+    finally:
+        request.environ.pop(bodies.PROGRESS_KEY, None)
+        quotas.release_upload(user, lease)
 
 
 @bp.post("/files/upload")
 @require_session
+@per_user()
 def upload_file() -> Response:
     return forward_upload("/files/upload")
 
 
 @bp.post("/audio-to-text")
 @require_session
+@per_user()
 def audio_to_text() -> Response:
     return forward_upload("/audio-to-text")
 

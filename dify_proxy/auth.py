@@ -12,7 +12,6 @@ import base64
 import binascii
 import functools
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 import jwt
 from flask import current_app, g, request
 
+from . import jsontext
 from .errors import ApiError
 from .settings import Settings
 
@@ -46,6 +46,19 @@ class InvalidSession(ApiError):
         )
 
 
+class _JwksClient(jwt.PyJWKClient):
+    """PyJWT reports a JWKS that is JSON but not an object (`[]`, `"x"`) with the same error
+    class as an unknown kid; here it is a failed fetch, like an HTML page, so it backs off."""
+
+    def fetch_data(self) -> Any:
+        try:
+            return super().fetch_data()
+        except jwt.PyJWKClientConnectionError:
+            raise
+        except jwt.PyJWKClientError as exc:
+            raise ValueError("the JWKS is not a JSON object") from exc
+
+
 class Verifier:
     """Holds the keys for one app; built once at start-up (the JWKS itself is fetched lazily)."""
 
@@ -55,7 +68,7 @@ class Verifier:
         self.issuer = settings.jwt_issuer
         self.jwks = None
         if settings.jwks_url:
-            self.jwks = jwt.PyJWKClient(
+            self.jwks = _JwksClient(
                 settings.jwks_url,
                 lifespan=JWKS_CACHE_SECONDS,
                 cooldown_duration=JWKS_REFETCH_COOLDOWN_SECONDS,
@@ -154,7 +167,7 @@ def cookie_token(cookies: Mapping[str, str], name: str) -> str | None:
             text = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
         else:
             text = unquote(value)
-        session = json.loads(text)
+        session = jsontext.loads(text)
     except (ValueError, binascii.Error):
         return None
     if isinstance(session, dict):  # @supabase/ssr: the session object
@@ -170,8 +183,12 @@ def _check_cookie_origin() -> None:
     """A cookie rides along on any same-site request, so it only counts from a page we trust."""
     origin = request.headers.get("Origin")
     if origin is None and request.referrer:
-        parts = urlsplit(request.referrer)
-        origin = f"{parts.scheme}://{parts.netloc}"
+        try:
+            parts = urlsplit(request.referrer)
+        except ValueError:  # e.g. "http://[": no origin can be read from it
+            parts = None
+        if parts is not None:
+            origin = f"{parts.scheme}://{parts.netloc}"
     allowed = current_app.config["SETTINGS"].cors_origins
     if origin is None or (origin not in allowed and origin != request.host_url.rstrip("/")):
         raise ApiError(

@@ -17,11 +17,12 @@ from typing import Any
 import greenlet
 import requests
 from flask import Blueprint, Response, current_app, g, request
+from werkzeug.exceptions import MethodNotAllowed
 
-from . import metrics
+from . import jsontext, metrics
 from .answers import Answers, parse_event_id
 from .auth import require_session
-from .dify import Dify
+from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import per_user
 from .quotas import Quotas
@@ -30,6 +31,17 @@ from .resume import follow
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 log = logging.getLogger(__name__)
+
+
+def refuse_head() -> None:
+    """Flask answers HEAD with the GET view, which here would call Dify (and, for /api/chat,
+    take a stream lease that a HEAD response never gives back). No HEAD reaches Dify."""
+    if request.method == "HEAD" and request.url_rule is not None:
+        allowed = sorted((request.url_rule.methods or set()) - {"HEAD"})
+        raise MethodNotAllowed(valid_methods=allowed)
+
+
+bp.before_request(refuse_head)
 
 MAX_MESSAGE_CHARS = 32_000
 RESPONSE_MODES = ("streaming", "blocking")
@@ -52,7 +64,7 @@ def read_json_object() -> dict[str, Any]:
         )
     raw = request.get_data(cache=False)
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = jsontext.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise bad_request("The request body is not valid UTF-8.") from None
     except ValueError as exc:
@@ -86,8 +98,8 @@ def chat_payload(body: dict[str, Any], user: str) -> dict[str, Any]:
     if not isinstance(inputs, dict):
         raise bad_request("inputs must be a JSON object.")
     files = body.get("files", [])
-    if not isinstance(files, list):
-        raise bad_request("files must be a list.")
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise bad_request("files must be a list of file objects.")
     mode = body.get("response_mode", "streaming")
     if mode not in RESPONSE_MODES:
         raise bad_request("response_mode must be 'streaming' or 'blocking'.")
@@ -113,9 +125,11 @@ def query_body() -> dict[str, Any]:
     }
     if "inputs" in request.args:
         try:
-            body["inputs"] = json.loads(request.args["inputs"])
-        except ValueError:
-            raise bad_request("inputs must be a JSON object string, such as {}.") from None
+            body["inputs"] = jsontext.loads(request.args["inputs"])
+        except ValueError as exc:
+            raise bad_request(
+                f"inputs must be a JSON object string, such as {{}}; this one is not: {exc}."
+            ) from None
     return body
 
 
@@ -207,9 +221,7 @@ def answer(payload: dict[str, Any]) -> Response:
             try:
                 body = json.loads(upstream.content)
             except ValueError:
-                raise ApiError(
-                    502, "upstream_error", "The chat service sent an unreadable answer."
-                ) from None
+                raise unreadable_answer() from None
             _count_tokens(quotas, user, (body.get("metadata") or {}).get("usage"))
             return Response(upstream.content, status=200, content_type="application/json")
 

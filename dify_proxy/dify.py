@@ -15,6 +15,7 @@ import requests
 from flask import g, has_request_context
 from requests.adapters import HTTPAdapter
 
+from . import metrics
 from .errors import ApiError
 from .settings import Settings
 
@@ -25,6 +26,16 @@ STOP_TIMEOUT_SECONDS = 5.0
 # What `call` accepts as a path: segments of letters, digits, `-` and `_` only, so nothing a
 # caller built from a request can climb out of the API (`..`), smuggle a query, or add a segment.
 SAFE_PATH = re.compile(r"(?:/[A-Za-z0-9_-]+)+")
+
+
+def upstream_failure(status: int, code: str, message: str) -> ApiError:
+    """A failure on Dify's side (code `upstream_*`), counted for /metrics as it is raised."""
+    metrics.UPSTREAM_ERRORS.labels(code).inc()
+    return ApiError(status, code, message)
+
+
+def unreadable_answer() -> ApiError:
+    return upstream_failure(502, "upstream_error", "The chat service sent an unreadable answer.")
 
 
 def new_session(pool_size: int = 1000) -> requests.Session:
@@ -106,16 +117,16 @@ class Dify:
             # A ConnectTimeout is a Timeout too, but it means Dify is unreachable, not slow.
             if isinstance(exc, requests.ConnectTimeout):
                 log.error("dify unreachable: connect timeout")
-                raise ApiError(
+                raise upstream_failure(
                     502, "upstream_unavailable", "The chat service is unreachable."
                 ) from None
             log.error("dify timed out before answering")
-            raise ApiError(
+            raise upstream_failure(
                 504, "upstream_timeout", "The chat service did not answer in time."
             ) from None
         except requests.RequestException as exc:
             log.error("dify unreachable: %s", type(exc).__name__)
-            raise ApiError(
+            raise upstream_failure(
                 502, "upstream_unavailable", "The chat service is unreachable."
             ) from None
         if response.ok:
@@ -149,9 +160,9 @@ def upstream_error(response: requests.Response) -> ApiError:
             status,
             body[0] if body else "non-JSON body",
         )
-        return ApiError(502, "upstream_misconfigured", "The chat service is misconfigured.")
+        return upstream_failure(502, "upstream_misconfigured", "The chat service is misconfigured.")
     log.error("dify answered %s (%s)", status, body[0] if body else "non-JSON body")
-    return ApiError(502, "upstream_error", "The chat service failed to answer.")
+    return upstream_failure(502, "upstream_error", "The chat service failed to answer.")
 
 
 def _json_error(response: requests.Response) -> tuple[str, str] | None:

@@ -40,6 +40,7 @@ _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "request_too_large",
     415: "unsupported_media_type",
     429: "too_many_requests",
@@ -47,10 +48,6 @@ _HTTP_CODES = {
 
 
 def _api_error(error: ApiError) -> Response:
-    if error.code.startswith("upstream_"):
-        from . import metrics  # imported here: errors.py is used by code that has no metrics
-
-        metrics.UPSTREAM_ERRORS.labels(error.code).inc()
     if "Retry-After" in error.headers:
         g.retry_after = error.headers["Retry-After"]  # see limits.keep_explicit_retry_after
     return error_response(error.status, error.code, error.message, error.headers)

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g
 from flask_limiter import Limiter
 
-from .quotas import REDIS_TIMEOUT_SECONDS
+from .quotas import redis_options
 from .settings import Settings
 
 # Fixed windows, not moving ones: the in-memory storage sweeps every key it holds every 10 ms
@@ -35,29 +35,31 @@ def init_app(app: Flask, settings: Settings) -> None:
     app.config.update(
         RATELIMIT_ENABLED=settings.rate_limit is not None,
         RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
-        RATELIMIT_STORAGE_OPTIONS={
-            "socket_timeout": REDIS_TIMEOUT_SECONDS,
-            "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
-        }
-        if settings.redis_url
-        else {},
+        RATELIMIT_STORAGE_OPTIONS=redis_options(settings.redis_url) if settings.redis_url else {},
     )
     limiter.init_app(app)
 
 
-def per_user(exempt_when: Callable[[], bool]) -> Callable[[Any], Any]:
+# Requests refused for their own input (never sent to Dify) do not use up the user's quota.
+NOT_COUNTED = frozenset({400, 413, 415})
+
+
+def per_user(exempt_when: Callable[[], bool] = lambda: False) -> Callable[[Any], Any]:
     """Apply RATE_LIMIT to a view; put it under `@require_session`, which sets the key."""
     return limiter.limit(
         lambda: current_app.config["SETTINGS"].rate_limit,  # None: the limiter is disabled
         exempt_when=exempt_when,
+        deduct_when=lambda response: response.status_code not in NOT_COUNTED,
     )
 
 
 def keep_explicit_retry_after(response: Response) -> Response:
-    """Flask-Limiter sets Retry-After to its own window's reset on every limited route, which
-    would replace the Retry-After of a 429 that is not ours to time (Dify's, or a stream or
-    token limit's). Put that one back."""
+    """Flask-Limiter sets Retry-After to its own window's reset on every response of a limited
+    route, 200s included, and would replace the Retry-After of a 429 that is not ours to time
+    (Dify's, or a stream or token limit's). Keep it only on the answers it belongs to."""
     retry_after = g.get("retry_after")
     if retry_after is not None:
         response.headers["Retry-After"] = retry_after
+    elif response.status_code not in (429, 503):
+        response.headers.pop("Retry-After", None)
     return response

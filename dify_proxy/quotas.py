@@ -1,4 +1,4 @@
-"""Per-user concurrent-stream leases and daily token budgets, shared through Redis.
+"""Per-user concurrent-stream and upload leases and daily token budgets, shared through Redis.
 
 Several instances with several workers each serve one user, so these counts live in Redis when
 `REDIS_URL` is set. Leases expire unless renewed, so a worker killed mid-stream frees its slot
@@ -13,6 +13,8 @@ import secrets
 import threading
 import time
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 
@@ -42,6 +44,24 @@ return 1
 """
 
 
+def redis_options(url: str) -> dict[str, Any]:
+    """Connection options for `redis.from_url`, shared with the rate limiter's storage.
+
+    Heroku Redis (and other managed Redis) serves `rediss://` with a self-signed certificate and
+    documents that clients must not verify it; verifying would make every limit silently fall
+    back to per-process counts. So `rediss://` skips verification unless the URL itself says
+    otherwise (`?ssl_cert_reqs=required`, which redis-py reads from the URL and prefers).
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": REDIS_TIMEOUT_SECONDS,
+        "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+    }
+    parts = urlsplit(url)
+    if parts.scheme == "rediss" and "ssl_cert_reqs" not in parse_qs(parts.query):
+        options.update(ssl_cert_reqs="none", ssl_check_hostname=False)
+    return options
+
+
 class Quotas:
     def __init__(
         self,
@@ -49,21 +69,17 @@ class Quotas:
         max_streams: int,
         lease_seconds: float,
         daily_token_budget: int,
+        max_uploads: int = 2,
     ) -> None:
         self.max_streams = max_streams
+        self.max_uploads = max_uploads
         self.lease_seconds = lease_seconds
         self.daily_token_budget = daily_token_budget
         self.redis = (
-            redis.Redis.from_url(
-                redis_url,
-                socket_timeout=REDIS_TIMEOUT_SECONDS,
-                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-            )
-            if redis_url
-            else None
+            redis.Redis.from_url(redis_url, **redis_options(redis_url)) if redis_url else None
         )
         self._lock = threading.Lock()
-        self._local_leases: dict[str, dict[str, float]] = {}
+        self._local_leases: dict[tuple[str, str], dict[str, float]] = {}
         self._local_tokens: dict[tuple[str, str], int] = {}
         self._retry_at = 0.0
         self._logged_at = -ERROR_LOG_INTERVAL_SECONDS
@@ -108,62 +124,81 @@ class Quotas:
         self.redis_error = None
         return True
 
-    # -- concurrent streams ------------------------------------------------------------------
+    # -- concurrent streams and uploads ------------------------------------------------------
 
     def acquire_stream(self, user: str) -> str | None:
         """A lease id, or None when the user already has `max_streams` open."""
-        if self.max_streams <= 0:
+        return self._acquire("streams", user, self.max_streams)
+
+    def renew_stream(self, user: str, lease: str) -> None:
+        self._renew("streams", user, lease)
+
+    def release_stream(self, user: str, lease: str) -> None:
+        self._release("streams", user, lease)
+
+    def acquire_upload(self, user: str) -> str | None:
+        """A lease id, or None when the user already has `max_uploads` bodies coming in."""
+        return self._acquire("uploads", user, self.max_uploads)
+
+    def renew_upload(self, user: str, lease: str) -> None:
+        self._renew("uploads", user, lease)
+
+    def release_upload(self, user: str, lease: str) -> None:
+        self._release("uploads", user, lease)
+
+    def _acquire(self, kind: str, user: str, limit: int) -> str | None:
+        if limit <= 0:
             return "unlimited"
         lease = secrets.token_hex(8)
         client = self._redis()
         if client is not None:
             try:
                 got = client.eval(
-                    _ACQUIRE, 1, _streams_key(user), self.max_streams, self.lease_seconds, lease
+                    _ACQUIRE, 1, _leases_key(kind, user), limit, self.lease_seconds, lease
                 )
                 return f"r:{lease}" if got else None
             except redis.RedisError as exc:
                 self._failed(exc)
         now = time.monotonic()
         with self._lock:
-            leases = self._local_leases.setdefault(user, {})
+            leases = self._local_leases.setdefault((kind, user), {})
             for key in [k for k, expiry in leases.items() if expiry <= now]:
                 del leases[key]
-            if len(leases) >= self.max_streams:
+            if len(leases) >= limit:
                 return None
             leases[lease] = now + self.lease_seconds
         return f"l:{lease}"
 
-    def renew_stream(self, user: str, lease: str) -> None:
-        kind, _, lease_id = lease.partition(":")
-        if kind == "r":
+    def _renew(self, kind: str, user: str, lease: str) -> None:
+        flavour, _, lease_id = lease.partition(":")
+        if flavour == "r":
             client = self._redis()
             if client is not None:
                 try:
-                    client.eval(_RENEW, 1, _streams_key(user), self.lease_seconds, lease_id)
+                    client.eval(_RENEW, 1, _leases_key(kind, user), self.lease_seconds, lease_id)
                 except redis.RedisError as exc:
                     self._failed(exc)
-        elif kind == "l":
+        elif flavour == "l":
             with self._lock:
-                leases = self._local_leases.get(user, {})
+                leases = self._local_leases.get((kind, user), {})
                 if lease_id in leases:
                     leases[lease_id] = time.monotonic() + self.lease_seconds
 
-    def release_stream(self, user: str, lease: str) -> None:
-        kind, _, lease_id = lease.partition(":")
-        if kind == "r":
+    def _release(self, kind: str, user: str, lease: str) -> None:
+        flavour, _, lease_id = lease.partition(":")
+        if flavour == "r":
             client = self._redis()
             if client is not None:
                 try:
-                    client.zrem(_streams_key(user), lease_id)
+                    client.zrem(_leases_key(kind, user), lease_id)
                 except redis.RedisError as exc:
                     self._failed(exc)  # the lease expires by itself
-        elif kind == "l":
+        elif flavour == "l":
             with self._lock:
-                leases = self._local_leases.get(user, {})
+                leases = self._local_leases.get((kind, user), {})
                 leases.pop(lease_id, None)
                 if not leases:
-                    self._local_leases.pop(user, None)
+                    self._local_leases.pop((kind, user), None)
 
     # -- daily token budget ------------------------------------------------------------------
 
@@ -200,8 +235,8 @@ class Quotas:
             self._local_tokens[(user, day)] = self._local_tokens.get((user, day), 0) + tokens
 
 
-def _streams_key(user: str) -> str:
-    return f"dify-proxy:streams:{user}"
+def _leases_key(kind: str, user: str) -> str:
+    return f"dify-proxy:{kind}:{user}"
 
 
 def _tokens_key(user: str, day: str) -> str:

@@ -18,6 +18,16 @@ from dotenv import load_dotenv
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The grammar of the `limits` package, checked here without importing it: the master process
 # must not import anything that loads `ssl` before gevent patches it.
+# The values `.env.example` ships with: a copied example must not start a server that accepts
+# tokens signed with a published "secret" (tests/unit/test_settings.py keeps these in step).
+PLACEHOLDERS = {
+    "DIFY_API_KEY": "app-your-dify-app-key",
+    "SUPABASE_JWT_SECRET": "your-supabase-legacy-jwt-secret",
+    "SUPABASE_URL": "https://your-project-ref.supabase.co",
+}
+# HS256 with a shorter key is guessable offline from one token (RFC 7518 3.2 asks for at least
+# 256 bits); Supabase's generated secrets are 40 characters or more.
+MIN_JWT_SECRET_BYTES = 32
 _RATE_ITEM = re.compile(r"\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*")
 
 
@@ -67,7 +77,19 @@ class Settings:
 
 def _text(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()
+    if value and value == PLACEHOLDERS.get(name):
+        raise ConfigError(f"{name} is still the example's placeholder; set your own value")
     return value or None
+
+
+def _jwt_secret(env: Mapping[str, str]) -> str | None:
+    secret = _text(env, "SUPABASE_JWT_SECRET")
+    if secret is not None and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+        raise ConfigError(
+            f"SUPABASE_JWT_SECRET is too short (under {MIN_JWT_SECRET_BYTES} bytes); use the "
+            "project's JWT secret from Supabase > Project Settings > JWT Keys"
+        )
+    return secret
 
 
 def _url(
@@ -180,7 +202,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if api_key is None:
         raise ConfigError("DIFY_API_KEY is required (the Dify app's API key, app-...)")
 
-    secret = _text(env, "SUPABASE_JWT_SECRET")
+    secret = _jwt_secret(env)
     supabase_url = _url(env, "SUPABASE_URL", "https://<project-ref>.supabase.co", path=False)
     if secret is None and supabase_url is None:
         raise ConfigError(

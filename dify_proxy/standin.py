@@ -59,8 +59,13 @@ FAKE_AUDIO = (b"ID3\x04\x00\x00\x00\x00\x00\x00", b"\xff\xf3\x44\xc4" * 512, b"\
 
 
 def _dumps(obj: Any) -> bytes:
-    """Dify's current encoding: compact, raw UTF-8 (so U+2028 reaches the proxy unescaped)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    """Dify's current encoding: compact, raw UTF-8 (so U+2028 reaches the proxy unescaped).
+
+    A lone surrogate (valid JSON as `"\\ud800"`) has no UTF-8 form; it goes back out as that
+    same escape, which only ever occurs inside a JSON string, instead of crashing the server.
+    """
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace")
 
 
 def _chunk(data: bytes) -> bytes:

@@ -1,8 +1,25 @@
+import os
+
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from dify_proxy import create_app
 from dify_proxy.settings import Settings
 from tests.support import tokens
+
+# The fuzzing suite's budget (tests/fuzz): "ci" is what scripts/test runs; the README's longer
+# run is `HYPOTHESIS_PROFILE=long scripts/test tests/fuzz`. Every example is a real request.
+for _name, _examples in (("ci", 25), ("long", 1000)):
+    hypothesis_settings.register_profile(
+        _name,
+        max_examples=_examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        database=None,
+        print_blob=True,
+    )
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DIFY_URL = "https://dify.test/v1"
 DIFY_KEY = "app-unit-test-key-0123456789abcdef"

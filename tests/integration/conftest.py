@@ -17,6 +17,7 @@ from tests.support.standin_client import StandIn
 DIFY_KEY = "app-integration-secret-key-3f9a7c21d4e8"
 HEARTBEAT = 0.5
 READ_TIMEOUT = 3
+AUTH_COOKIE = "sb-integration-auth-token"
 
 
 @dataclass
@@ -59,6 +60,7 @@ def proxy(standin, tmp_path_factory) -> Iterator[Proxy]:
         "MAX_STREAMS_PER_USER": "100",
         # A gone client's answer stops at once, as before resumes (they have tests of their own).
         "RESUME_GRACE": "0",
+        "SUPABASE_AUTH_COOKIE": AUTH_COOKIE,
     }
     process, url = processes.start_proxy(env, log_path)
     yield Proxy(url, log_path)

@@ -8,10 +8,12 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from tests.integration.conftest import Proxy, scenario
 from tests.support import processes, tokens
+from tests.support.redis_server import RedisServer
 from tests.support.sse_client import read_stream
 
 
@@ -63,6 +65,37 @@ def test_rate_limits_are_per_user_not_per_address(start_proxy, redis_server):
     assert ask(proxy, user(3)).status_code == 200
     assert ask(proxy, user(3)).status_code == 429
     assert ask(proxy, user(4)).status_code == 200
+
+
+@pytest.fixture
+def tls_redis_server():
+    server = RedisServer(tls=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_tls_redis_with_a_self_signed_certificate_is_used_out_of_the_box(
+    start_proxy, tls_redis_server
+):
+    """Issue 11, item 2: Heroku Redis's `rediss://` with its self-signed certificate. Before, the
+    proxy refused the certificate, /readyz said unavailable, and limits counted per process."""
+    a = start_proxy(REDIS_URL=tls_redis_server.url, RATE_LIMIT="3/minute", MAX_STREAMS_PER_USER="1")
+    b = start_proxy(REDIS_URL=tls_redis_server.url, RATE_LIMIT="3/minute", MAX_STREAMS_PER_USER="1")
+    assert requests.get(f"{a.url}/readyz", timeout=5).json()["checks"]["redis"] == "ok"
+    statuses = [ask(proxy, user(40)).status_code for proxy in (a, b, a, b)]
+    assert statuses == [200, 200, 200, 429]
+    with open_stream(a, user(41)) as held:
+        assert held.status_code == 200
+        assert tls_redis_server.client().zcard(f"dify-proxy:streams:{user(41)}") == 1
+        assert open_stream(b, user(41)).status_code == 429
+    assert "redis unavailable" not in a.log() + b.log()
+
+
+def test_tls_redis_verification_can_be_asked_for_in_the_url(start_proxy, tls_redis_server):
+    """`?ssl_cert_reqs=required` wins over the default: then this certificate is refused."""
+    proxy = start_proxy(REDIS_URL=f"{tls_redis_server.url}?ssl_cert_reqs=required")
+    assert requests.get(f"{proxy.url}/readyz", timeout=5).json()["checks"]["redis"] == "unavailable"
 
 
 # -- concurrent streams ----------------------------------------------------------------------

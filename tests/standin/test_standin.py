@@ -401,3 +401,17 @@ def test_an_unknown_recording_name_is_a_400(base: str) -> None:
     with send(base, {"replay_recording": "never-stored"}) as sock:
         status, _ = read_head(sock.makefile("rb"))
     assert status == 400
+
+
+def test_a_lone_surrogate_in_a_message_is_answered_and_kept_in_the_call_log(base: str) -> None:
+    """Issue 11, item 13: `"a\\ud800b"` is valid JSON whose text cannot be UTF-8 encoded; the
+    stand-in answers it, and its call log still reads (with the escape kept), as it did before."""
+    question = {"query": "a\ud800b", "user": "u1", "response_mode": "blocking", "inputs": {}}
+    body = json.dumps(question)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    answer = requests.post(f"{base}/chat-messages", data=body, headers=headers, timeout=5)
+    assert answer.status_code == 200
+    assert answer.json()["answer"]
+    log = requests.get(base.removesuffix("/v1") + "/_standin/calls", timeout=5)
+    assert log.status_code == 200
+    assert [c["json"]["query"] for c in log.json()] == ["a\ud800b"]

@@ -517,3 +517,17 @@ def test_token_text_never_appears_in_a_response_or_the_logs(
         assert part not in body
         assert part not in logged
         assert part not in str(response.headers)
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"keys"', b"null", b"42"])
+def test_jwks_answering_json_that_is_not_an_object_gives_503_and_backs_off(
+    client: FlaskClient, mint: Mint, jwks_server: JwksServer, dify: Any, body: bytes
+) -> None:
+    """Issue 11, item 12: the keys are unavailable (503, not 401 for a valid token), and made-up
+    tokens do not make the proxy refetch on every request."""
+    jwks_server.body = body
+    responses = [post_chat(client, mint.es256()) for _ in range(5)]
+    assert [r.status_code for r in responses] == [503] * 5
+    assert responses[0].get_json()["code"] == "auth_unavailable"
+    assert jwks_server.fetches == 1
+    assert not dify.called

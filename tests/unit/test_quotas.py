@@ -102,3 +102,23 @@ def test_an_unreachable_redis_is_logged_once_per_interval(unreachable, caplog, m
 
 def test_check_redis_reports_an_unreachable_redis(unreachable):
     assert unreachable.check_redis() is False
+
+
+def test_uploads_have_their_own_cap_apart_from_streams():
+    quotas = Quotas(None, max_streams=1, lease_seconds=60, daily_token_budget=0, max_uploads=2)
+    assert quotas.acquire_stream("u")
+    first, second = quotas.acquire_upload("u"), quotas.acquire_upload("u")
+    assert first and second
+    assert quotas.acquire_upload("u") is None
+    quotas.release_upload("u", first)
+    assert quotas.acquire_upload("u") is not None
+    assert quotas.acquire_stream("u") is None
+
+
+def test_rediss_skips_certificate_checks_unless_the_url_asks_for_them():
+    plain = quotas_module.redis_options("redis://h:6379/0")
+    tls = quotas_module.redis_options("rediss://h:6380/0")
+    asked = quotas_module.redis_options("rediss://h:6380/0?ssl_cert_reqs=required")
+    assert "ssl_cert_reqs" not in plain
+    assert tls["ssl_cert_reqs"] == "none" and tls["ssl_check_hostname"] is False
+    assert "ssl_cert_reqs" not in asked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from dotenv import dotenv_values
 
-from dify_proxy.settings import ConfigError, Settings, load_settings
+from dify_proxy.settings import PLACEHOLDERS, ConfigError, Settings, load_settings
 from tests.support.jwks import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,3 +248,63 @@ def test_gunicorn_without_api_key_stops_at_once_with_one_line(
     )
     assert result.returncode != 0
     assert_one_line_naming_the_api_key(result.stderr)
+
+
+# --- placeholders and weak secrets (issue 11, item 1) ---------------------------------------
+
+
+def test_a_copied_env_example_is_refused_until_each_placeholder_is_replaced() -> None:
+    """`cp .env.example .env` must not start a server that accepts tokens signed with the
+    example's published "secret": each placeholder is named in turn until it is replaced."""
+    example = {k: v for k, v in dotenv_values(ROOT / ".env.example").items() if v is not None}
+    for name, real_value in [
+        ("DIFY_API_KEY", API_KEY),
+        ("SUPABASE_JWT_SECRET", JWT_SECRET),
+        ("SUPABASE_URL", SUPABASE_URL),
+    ]:
+        message = config_error(example)
+        assert message.startswith(f"{name} is still the example's placeholder"), message
+        example[name] = real_value
+    assert load_settings(example).supabase_url == SUPABASE_URL
+
+
+@pytest.mark.parametrize("secret", ["short-secret", "x" * 31, "é" * 15])
+def test_a_jwt_secret_under_32_bytes_is_refused_by_name(secret: str) -> None:
+    message = config_error(env(SUPABASE_JWT_SECRET=secret))
+    assert "SUPABASE_JWT_SECRET is too short" in message
+    assert secret not in message
+
+
+def test_a_jwt_secret_of_exactly_32_bytes_is_accepted() -> None:
+    assert load_settings(env(SUPABASE_JWT_SECRET="x" * 32)).supabase_jwt_secret == "x" * 32
+
+
+def test_gunicorn_with_the_example_secret_stops_at_once_with_one_line(
+    environ_without_api_key: dict[str, str],
+) -> None:
+    environ = {
+        **environ_without_api_key,
+        "DIFY_API_KEY": API_KEY,
+        "SUPABASE_JWT_SECRET": PLACEHOLDERS["SUPABASE_JWT_SECRET"],
+    }
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    result = run_entry_point([str(gunicorn), "app:app", "--config", "gunicorn.conf.py"], environ)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "SUPABASE_JWT_SECRET is still the example's placeholder" in lines[0]
+
+
+def test_a_library_warning_is_logged_as_one_json_line(
+    environ_without_api_key: dict[str, str],
+) -> None:
+    """PyJWT's key-length warning (and any other) used to reach stderr as bare text."""
+    environ = {**environ_without_api_key, "DIFY_API_KEY": API_KEY}
+    script = "import app, warnings; warnings.warn('key too short', UserWarning)"
+    result = run_entry_point([sys.executable, "-c", script], environ)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    entry = json.loads(lines[0])
+    assert entry["logger"] == "py.warnings" and "key too short" in entry["message"]
