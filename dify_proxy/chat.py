@@ -137,11 +137,13 @@ def is_reconnect() -> bool:
     """EventSource clients reconnect on their own and send back the last event id they saw;
     answering such a request would make Dify answer, and bill, the same question twice. It
     resumes the answer instead (or gets a 204), and is no new question for the limits."""
-    return "Last-Event-ID" in request.headers or "lastEventId" in request.args
+    return bool(last_event_id())
 
 
 def last_event_id() -> str:
-    return request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or ""
+    """An empty one counts as none, as in the SSE spec (EventSource sends none until it has
+    seen an id)."""
+    return (request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or "").strip()
 
 
 def wants_ids() -> bool:

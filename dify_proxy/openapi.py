@@ -121,16 +121,6 @@ STREAM = {
         )
     },
 }
-LAST_EVENT_ID = {
-    "name": "Last-Event-ID",
-    "in": "header",
-    "required": False,
-    "description": (
-        "The last event id a client saw (`<stream>-<n>`): the answer resumes after it, with no "
-        "new Dify call, instead of a new question being asked."
-    ),
-    "schema": {"type": "string"},
-}
 CHAT_REQUEST = {
     "type": "object",
     "required": ["message"],
@@ -163,22 +153,22 @@ DOCUMENT: dict[str, Any] = {
         "/api/chat": {
             "post": _operation(
                 "Ask a question; the answer streams back as Dify's SSE events (with ids when "
-                "`Accept: text/event-stream`). With Last-Event-ID, resume an answer instead.",
+                "`Accept: text/event-stream`). A request with a `Last-Event-ID` header (an id "
+                "`<stream>-<n>` the client saw) resumes that answer instead, whatever its body: "
+                "the events after that id, then the rest live, with no new Dify call; or 204.",
                 STREAM,
-                parameters=[LAST_EVENT_ID],
                 body=_json_body(CHAT_REQUEST),
                 errors=CLIENT_ERRORS + JSON_BODY_ERRORS + UPSTREAM_ERRORS,
             ),
             "get": _operation(
                 "The same for EventSource, which can only GET. The request line is limited to "
-                "8,190 bytes (gunicorn, and Heroku's router): longer questions go by POST.",
+                "8,190 bytes (gunicorn, and Heroku's router): longer questions go by POST. "
+                "`Last-Event-ID`, or a `lastEventId` query parameter, resumes as for POST.",
                 STREAM,
                 parameters=[
                     _query("message", MESSAGE, required=True),
                     _query("conversation_id", OPTIONAL_UUID),
                     _query("inputs", {"type": "string", "contentMediaType": "application/json"}),
-                    _query("lastEventId", {"type": "string"}),
-                    LAST_EVENT_ID,
                 ],
             ),
         },
