@@ -134,6 +134,7 @@ def environment(bench: Bench) -> dict[str, Any]:
                 "app.py",
                 "gunicorn.conf.py",
                 "requirements.txt",
+                "requirements-standin.txt",
             ],
             capture_output=True,
             text=True,
@@ -153,6 +154,7 @@ def environment(bench: Bench) -> dict[str, Any]:
         "requests",
         "urllib3",
         "pyjwt",
+        "aiohttp",
     ):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             env[dist] = importlib.metadata.version(dist)
