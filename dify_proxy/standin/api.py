@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import BodyPartReader, hdrs, web
@@ -58,47 +57,17 @@ APP_INFO: dict[str, Any] = {
     },
 }
 UPLOAD_PATHS = ("/v1/files/upload", "/v1/audio-to-text")
+UPLOAD_ERROR = web.RequestKey("upload_error", DifyError)
 routes = web.RouteTableDef()
 
 
-@dataclass
-class Upload:
-    """A multipart body as read: its fields, its files' names, types and sizes, or why not."""
-
-    fields: dict[str, str] = field(default_factory=dict)
-    files: list[dict[str, Any]] = field(default_factory=list)
-    error: DifyError | None = None
-
-    def the_file(self, missing: DifyError) -> tuple[str, dict[str, Any]]:
-        """The uploading user and the one `file` part, checked as Dify checks them."""
-        if self.error is not None:
-            raise self.error
-        user = user_of(self.fields.get("user"))
-        files = [f for f in self.files if f["field"] == "file"]
-        if not files:
-            raise missing
-        if len(self.files) > 1:
-            raise DifyError(400, "too_many_files", "Only one file is allowed.")
-        if not files[0]["filename"]:
-            message = "The specified filename does not exist."
-            raise DifyError(400, "filename_not_exists_error", message)
-        return user, files[0]
-
-
-UPLOAD = web.RequestKey("upload", Upload)
-
-
-async def read_upload(request: web.Request) -> Upload:
-    """Read an upload's body to its end as it arrives (errors are kept for the handler, which
-    answers them after the key check, as Dify does)."""
-    upload = Upload()
+async def read_upload(request: web.Request, call: dict[str, Any]) -> None:
+    """Read an upload's body to its end as it arrives, into the call log: its fields (`user`
+    among them) and each file's name, type and size. What is wrong with it is answered later,
+    after the key check, as Dify does."""
+    call["form"], call["files"] = {}, []
     try:
-        reader = await request.multipart()
-    except (ValueError, AssertionError, KeyError):
-        upload.error = DifyError(415, "unsupported_media_type", "Send multipart/form-data.")
-        return upload
-    try:
-        async for part in reader:
+        async for part in await request.multipart():
             if not isinstance(part, BodyPartReader):  # a nested multipart: not Dify's
                 await part.release()
                 continue
@@ -109,19 +78,37 @@ async def read_upload(request: web.Request) -> Upload:
                     if size > MAX_FIELD:
                         raise DifyError(413, "request_entity_too_large", "field too large")
                     value += chunk
-            if part.name is None:
-                continue
-            if part.filename is None:
-                upload.fields[part.name] = value.decode("utf-8", "replace")
-            else:
+            if part.name is not None and part.filename is None:
+                call["form"][part.name] = value.decode("utf-8", "replace")
+            elif part.name is not None:
                 kind = part.headers.get(hdrs.CONTENT_TYPE, "")
                 file = {"field": part.name, "filename": part.filename, "content_type": kind}
-                upload.files.append({**file, "size": size})
+                call["files"].append({**file, "size": size})
     except DifyError as e:
-        upload.error = e
-    except (ValueError, AssertionError):
-        upload.error = bad("the multipart body is incomplete")
-    return upload
+        request[UPLOAD_ERROR] = e
+    except (ValueError, AssertionError, KeyError):  # aiohttp's ways of saying "malformed"
+        multipart = request.content_type == "multipart/form-data"
+        if multipart and "boundary=" in request.headers.get(hdrs.CONTENT_TYPE, ""):
+            request[UPLOAD_ERROR] = bad("the multipart body is incomplete")
+        else:
+            message = "Send multipart/form-data."
+            request[UPLOAD_ERROR] = DifyError(415, "unsupported_media_type", message)
+
+
+def the_file(request: web.Request, missing: DifyError) -> tuple[str, dict[str, Any]]:
+    """The uploading user and the one `file` part, checked as Dify checks them."""
+    if UPLOAD_ERROR in request:
+        raise request[UPLOAD_ERROR]
+    call = request[CALL]
+    user = user_of(call["form"].get("user"))
+    files = [f for f in call["files"] if f["field"] == "file"]
+    if not files:
+        raise missing
+    if len(call["files"]) > 1:
+        raise DifyError(400, "too_many_files", "Only one file is allowed.")
+    if not files[0]["filename"]:
+        raise DifyError(400, "filename_not_exists_error", "The specified filename does not exist.")
+    return user, files[0]
 
 
 def query_limit(request: web.Request) -> int:
@@ -218,7 +205,7 @@ async def suggested(request: web.Request) -> web.Response:
 @routes.post("/v1/files/upload")
 async def upload_file(request: web.Request) -> web.Response:
     missing = DifyError(400, "no_file_uploaded", "Please upload your file.")
-    user, file = request[UPLOAD].the_file(missing)
+    user, file = the_file(request, missing)
     name = file["filename"]
     extension = name.rpartition(".")[2].lower() if "." in name else ""
     if extension in BLOCKED_EXTENSIONS:
@@ -240,7 +227,7 @@ async def upload_file(request: web.Request) -> web.Response:
 @routes.post("/v1/audio-to-text")
 async def audio_to_text(request: web.Request) -> web.Response:
     missing = DifyError(400, "no_audio_uploaded", "Please upload your audio.")
-    _, file = request[UPLOAD].the_file(missing)
+    _, file = the_file(request, missing)
     if not file["content_type"].startswith("audio/"):
         raise DifyError(415, "unsupported_audio_type", "Audio type not allowed.")
     if file["size"] > MAX_AUDIO:

@@ -3,12 +3,13 @@
 
 Every `/v1` call is logged before anything else, key checked (a wrong key is Dify's 401), and
 any `DifyError` a handler raises, like aiohttp's own 404 and 405, is answered in Dify's error
-shape. A chunked request body is refused with 411, as before the proxy had to send lengths.
+shape. A chunked request body is refused with 411 (the proxy always sends a length).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import json
@@ -16,7 +17,6 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import hdrs, web
 
@@ -63,9 +63,8 @@ async def dify_conventions(request: web.Request, handler: Handler) -> web.Stream
         request.method, request.path, request.query_string, headers, key_ok, parsed
     )
     request[CALL] = call
-    if upload:  # the form and each file's name, type and size go to the call log
-        form = request[api.UPLOAD] = await api.read_upload(request)
-        call["form"], call["files"] = form.fields, [dict(f) for f in form.files]
+    if upload:
+        await api.read_upload(request, call)
     try:
         if not key_ok:
             raise DifyError(401, "unauthorized", "Access token is invalid")
@@ -154,34 +153,23 @@ def start_in_thread(
 
     Returns `(base_url, stop)`; `stop()` closes every connection and joins the thread.
     """
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    def on_ready(url: str) -> None:
-        box["url"] = url
-        ready.set()
+    loop, stop, url = asyncio.new_event_loop(), asyncio.Event(), concurrent.futures.Future()
 
     def run() -> None:
-        asyncio.set_event_loop(loop)
-        box["stop"] = asyncio.Event()
         try:
-            loop.run_until_complete(serve(host, port, api_key, on_ready=on_ready, stop=box["stop"]))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
-            box["error"] = e
+            loop.run_until_complete(serve(host, port, api_key, on_ready=url.set_result, stop=stop))
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+            if not url.done():
+                url.set_exception(e)
         finally:
-            ready.set()
             loop.close()
 
     thread = threading.Thread(target=run, name="dify-standin", daemon=True)
     thread.start()
-    if not ready.wait(10) or "url" not in box:
-        raise RuntimeError("stand-in did not start") from box.get("error")
 
-    def stop() -> None:
-        if thread.is_alive():
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(box["stop"].set)
-            thread.join(10)
+    def stop_thread() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has already ended
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
 
-    return box["url"], stop
+    return url.result(timeout=10), stop_thread
