@@ -125,7 +125,7 @@ class LoadRun:
         }
 
 
-def pct(values: list[float], p: float) -> float | None:
+def percentile(values: list[float], p: float) -> float | None:
     """Nearest-rank percentile."""
     if not values:
         return None
@@ -162,16 +162,16 @@ def summarize(streams: list[dict]) -> dict[str, Any]:
         "lost": len(streams) - len(ok),
         "lost_reasons": dict(errors),
         "lost_examples": examples,
-        "ttfe_p50_ms": pct(ttfe, 50),
-        "ttfe_p99_ms": pct(ttfe, 99),
+        "ttfe_p50_ms": percentile(ttfe, 50),
+        "ttfe_p99_ms": percentile(ttfe, 99),
         "ttfe_max_ms": max(ttfe) if ttfe else None,
-        "connect_p50_ms": pct(conn, 50),
-        "connect_p99_ms": pct(conn, 99),
+        "connect_p50_ms": percentile(conn, 50),
+        "connect_p99_ms": percentile(conn, 99),
         "connect_max_ms": max(conn) if conn else None,
-        "head_p50_ms": pct(head, 50),
-        "head_p99_ms": pct(head, 99),
-        "total_p50_ms": pct(total, 50),
-        "total_p99_ms": pct(total, 99),
+        "head_p50_ms": percentile(head, 50),
+        "head_p99_ms": percentile(head, 99),
+        "total_p50_ms": percentile(total, 50),
+        "total_p99_ms": percentile(total, 99),
         "total_max_ms": max(total) if total else None,
         "wall_s": (max(ends) - min(starts)) if ends else None,
         "max_open": max_open(streams),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import profiling
-from bench.load import LoadRun, pct, summarize
+from bench.load import LoadRun, percentile, summarize
 from bench.processes import log
 from bench.sampling import (
     CORES,
@@ -253,8 +253,8 @@ class Bench:
                 "probes": len(ps),
                 "probe_failed": sum(1 for p in ps if not p["ok"]),
                 "probe_errors": [p["error"] for p in ps if not p["ok"]][:3],
-                "probe_p50_ms": pct(lat, 50),
-                "probe_p99_ms": pct(lat, 99),
+                "probe_p50_ms": percentile(lat, 50),
+                "probe_p99_ms": percentile(lat, 99),
                 "probe_max_ms": max(lat) if lat else None,
                 "probe_wall_s": last - first,
                 "all_streams_open_before_probes": all_open,

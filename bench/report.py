@@ -13,7 +13,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def fmt(v: Any, nd: int = 1) -> str:
+def figure(v: Any, nd: int = 1) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -87,7 +87,8 @@ def print_mode(mode: str, res: dict[str, Any], baseline: str) -> None:
         a = a * scale if isinstance(a, (int, float)) and scale != 1 else a
         b = b * scale if isinstance(b, (int, float)) and scale != 1 else b
         r = ratio(a, b) if with_ratio else None
-        print(f"{label:34}{fmt(a, nd):>12}{fmt(b, nd):>12}{fmt(r, 2) + 'x' if r else '':>16}")
+        shown = figure(r, 2) + "x" if r else ""
+        print(f"{label:34}{figure(a, nd):>12}{figure(b, nd):>12}{shown:>16}")
     if mode == "single":
         for q in ("p50", "p99"):
             a, b = pr[f"ttfe_{q}_ms"], bl[f"ttfe_{q}_ms"]
@@ -134,8 +135,8 @@ def verdicts(results: dict[str, Any], baseline: str) -> list[tuple[str, str, str
             (
                 "burst",
                 f"burst {r['params']['streams']:,}: 0 lost, p99 TTFE <= 2.0x {baseline}",
-                f"lost {p['lost']}/{p['streams']}, p99 {fmt(p['ttfe_p99_ms'], 1)} ms vs "
-                f"{fmt(b['ttfe_p99_ms'], 1)} ms = {fmt(rat, 2)}x",
+                f"lost {p['lost']}/{p['streams']}, p99 {figure(p['ttfe_p99_ms'], 1)} ms vs "
+                f"{figure(b['ttfe_p99_ms'], 1)} ms = {figure(rat, 2)}x",
                 ok,
             )
         )
@@ -167,7 +168,7 @@ def verdicts(results: dict[str, Any], baseline: str) -> list[tuple[str, str, str
             (
                 "single",
                 f"single: added TTFE <= 1 ms over {baseline} (p50)",
-                f"+{fmt(added, 2)} ms p50, +{fmt(added99, 2)} ms p99",
+                f"+{figure(added, 2)} ms p50, +{figure(added99, 2)} ms p99",
                 ok,
             )
         )
@@ -184,8 +185,8 @@ def verdicts(results: dict[str, Any], baseline: str) -> list[tuple[str, str, str
             (
                 "healthz",
                 f"healthz: p99 < 50 ms with {r['params']['streams']:,} streams open",
-                f"p99 {fmt(p['probe_p99_ms'], 1)} ms ({baseline} "
-                f"{fmt(b['probe_p99_ms'], 2)} ms), {p['probe_failed']} failed",
+                f"p99 {figure(p['probe_p99_ms'], 1)} ms ({baseline} "
+                f"{figure(b['probe_p99_ms'], 2)} ms), {p['probe_failed']} failed",
                 ok,
             )
         )
@@ -199,8 +200,8 @@ def verdicts(results: dict[str, Any], baseline: str) -> list[tuple[str, str, str
             (
                 "firehose",
                 f"firehose {r['params']['events']:,} events: wall <= 1.5x {baseline}",
-                f"{fmt(p['median_wall_s'], 3)} s vs {fmt(b['median_wall_s'], 3)} s = "
-                f"{fmt(rat, 2)}x, bytes {'identical' if same else 'DIFFER'}",
+                f"{figure(p['median_wall_s'], 3)} s vs {figure(b['median_wall_s'], 3)} s = "
+                f"{figure(rat, 2)}x, bytes {'identical' if same else 'DIFFER'}",
                 ok,
             )
         )
