@@ -49,7 +49,7 @@ def chat(base: str, user: str, conversation_id: str | None = None) -> dict:
     return requests.post(f"{base}/chat-messages", headers=AUTH, json=body, timeout=5).json()
 
 
-def upload_in_slices(base: str, body: bytes, size: int) -> requests.Response | int:
+def upload_in_slices(base: str, body: bytes, size: int) -> int:
     """POST `body` as a multipart upload, `size` bytes per TCP segment; returns the status."""
     url = urlsplit(base)
     with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
