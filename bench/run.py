@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
-from bench.modes import MODES, Bench  # noqa: E402
+from bench.modes import MODES  # noqa: E402
+from bench.phases import Bench  # noqa: E402
 from bench.processes import log, raise_fd_limit, stop_all  # noqa: E402
 from bench.report import print_mode, print_summary  # noqa: E402
 from bench.sampling import CORES  # noqa: E402
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"mode {mode} (time limit {limit} s)")
             signal.alarm(limit)
             try:
-                results[mode] = getattr(bench, mode)()
+                results[mode] = MODES[mode](bench)
                 print_mode(mode, results[mode], bench.baseline)
             except (ModeTimeout, RuntimeError) as exc:
                 results[mode] = {"error": str(exc)}

@@ -176,51 +176,59 @@ async def blocking(request: web.Request, run: ChatRun, s: Scenario, query: str) 
 
 
 class ChunkedBody:
-    """A stream's body, one HTTP chunk per write. aiohttp sends the head and the last chunk; the
-    chunks in between go straight onto the connection, because aiohttp's own write path costs
-    about 3 us more per write, which raised the stand-in's CPU in the firehose benchmark by a
-    third (and the benchmark needs the stand-in cheap)."""
+    """A stream's body, one HTTP chunk per scenario write (or `split`-byte chunks `split_delay`
+    apart). aiohttp sends the head and the last chunk; the chunks in between go straight onto
+    the connection, because aiohttp's own write path costs about 3 us more per write, which
+    raised the stand-in's CPU in the firehose benchmark by a third (it has to stay cheap)."""
 
-    def __init__(self, request: web.Request, response: web.StreamResponse, writer: Any) -> None:
-        self.request, self.response, self.writer = request, response, writer
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        writer: Any,
+        run: ChatRun,
+        s: Scenario,
+    ) -> None:
+        self.transport, self.protocol = request.transport, request.protocol
+        self.response, self.writer = response, writer
+        self.run, self.split, self.split_delay = run, s.split, s.split_delay
 
     @classmethod
-    async def start(cls, request: web.Request) -> ChunkedBody:
+    async def start(cls, request: web.Request, run: ChatRun, s: Scenario) -> ChunkedBody:
         response = web.StreamResponse(headers=SSE_HEADERS)
         response.enable_chunked_encoding()
-        return cls(request, response, await response.prepare(request))
+        return cls(request, response, await response.prepare(request), run, s)
 
     async def write(self, data: bytes) -> None:
-        transport = self.request.transport
-        if transport is None or transport.is_closing():
+        if self.split:
+            for i in range(0, len(data), self.split):
+                if i:
+                    await self.run.pause(self.split_delay)
+                await self.write_chunk(data[i : i + self.split])
+        else:
+            await self.write_chunk(data)
+
+    async def write_chunk(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the client has gone")
-        transport.write(b"%x\r\n%s\r\n" % (len(data), data))
-        await self.writer.drain()  # waits only while the socket's buffer is full
+        self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if self.protocol.writing_paused:  # the socket's buffer is full: wait for it
+            await self.writer.drain()
 
     async def end(self) -> web.StreamResponse:
         await self.response.write_eof()
         return self.response
 
-    def drop(self, run: ChatRun) -> web.StreamResponse:
+    def drop(self) -> web.StreamResponse:
         """Cut the connection without ending the body."""
-        run.finish("dropped")
-        if self.request.transport is not None:
-            self.request.transport.abort()
+        self.run.finish("dropped")
+        if self.transport is not None:
+            self.transport.abort()
         return self.response
 
 
-async def emit(body: ChunkedBody, run: ChatRun, data: bytes, s: Scenario) -> None:
-    """One scenario write: one chunk, or `split`-byte chunks `split_delay` apart."""
-    if not s.split:
-        return await body.write(data)
-    for i in range(0, len(data), s.split):
-        if i:
-            await run.pause(s.split_delay)
-        await body.write(data[i : i + s.split])
-
-
 async def stream(request: web.Request, run: ChatRun, s: Scenario, query: str) -> web.StreamResponse:
-    body = await ChunkedBody.start(request)
+    body = await ChunkedBody.start(request, run, s)
     run.record["status"] = 200
     if s.replay is not None:
         return await replay(body, run, s)
@@ -229,7 +237,7 @@ async def stream(request: web.Request, run: ChatRun, s: Scenario, query: str) ->
         await run.pause(s.ping_interval)
         if run.stopped:
             break
-        await emit(body, run, PING, s)
+        await body.write(PING)
     answers, _ = s.answers(query)
     same = run.event("message", answer=s.delta()) if s.events is not None else b""  # prebuilt
     held: list[bytes] = []
@@ -243,12 +251,12 @@ async def stream(request: web.Request, run: ChatRun, s: Scenario, query: str) ->
         if s.coalesce:
             held.append(data)
         else:
-            await emit(body, run, data, s)
+            await body.write(data)
         sent += 1
     end = "stopped" if run.stopped else s.end
     if end == "hang":
         if held:
-            await emit(body, run, b"".join(held), s)
+            await body.write(b"".join(held))
             held = []
         await run.pause(None)
         end = "stopped"
@@ -260,9 +268,9 @@ async def stream(request: web.Request, run: ChatRun, s: Scenario, query: str) ->
         extra = run.event("message", answer="half of an event that never ends")
         held.append(extra[: len(extra) // 2])
     for data in [b"".join(held)] if s.coalesce and held else held:
-        await emit(body, run, data, s)
+        await body.write(data)
     if end.startswith("drop"):
-        return body.drop(run)
+        return body.drop()
     response = await body.end()
     run.finish(ENDINGS.get(end, end))
     return response
@@ -272,7 +280,7 @@ async def replay(body: ChunkedBody, run: ChatRun, s: Scenario) -> web.StreamResp
     """Send a recorded stream exactly as recorded, in the pieces the scenario asks for."""
     for i, data in enumerate(s.replay_writes()):
         await run.pause(s.replay_stall if i == s.replay_stall_at else s.replay_delay)
-        await body.write(data)
+        await body.write_chunk(data)
     response = await body.end()
     run.finish("completed")
     return response
