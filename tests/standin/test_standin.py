@@ -62,19 +62,18 @@ def send(
     *,
     mode: str = "streaming",
     user: str = "u1",
-    head: bytes = b"",
+    query: str = "hi",
 ) -> socket.socket:
     """A raw HTTP/1.1 chat request, so tests see the server's chunk framing untouched."""
     url = urlsplit(base)
     body = json.dumps(
-        {"query": "hi", "user": user, "response_mode": mode, "inputs": {"_standin": knobs or {}}}
+        {"query": query, "user": user, "response_mode": mode, "inputs": {"_standin": knobs or {}}}
     ).encode()
     sock = socket.create_connection((url.hostname, url.port), timeout=5)
     sock.sendall(
         b"POST /v1/chat-messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
         + KEY.encode()
         + b"\r\nContent-Type: application/json\r\n"
-        + head
         + b"Content-Length: %d\r\n\r\n" % len(body)
         + body
     )
@@ -167,6 +166,17 @@ def test_events_are_compact_raw_utf8_in_dify_key_order(base: str) -> None:
         "answer",
     ]
     assert ev["id"] == ev["message_id"] != ev["task_id"]
+
+
+def test_a_lone_surrogate_breaks_neither_the_stream_nor_the_call_log(base: str) -> None:
+    # legal in JSON text ("\\ud800"), not encodable as UTF-8: it goes back out as its escape
+    with send(base, {"events": 1, "text": "x\udc00y"}, query="a\ud800b") as sock:
+        got = stream(sock)
+    evs = events(b"".join(got))
+    assert [e["event"] for e in evs] == ["message", "message_end"]
+    assert evs[0]["answer"] == "x\udc00y"
+    call = calls(base)[0]
+    assert (call["json"]["query"], call["stream_end"]) == ("a\ud800b", "completed")
 
 
 def test_split_sends_fixed_size_chunks_that_cut_utf8_characters(base: str) -> None:
@@ -318,7 +328,7 @@ def test_keep_alive_serves_two_streams_on_one_socket(base: str) -> None:
             }
         ).encode()
         sock.sendall(
-            b"POST /v1/chat-messages HTTP/1.1\r\nAuthorization: Bearer "
+            b"POST /v1/chat-messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + KEY.encode()
             + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
             + body
@@ -329,7 +339,13 @@ def test_keep_alive_serves_two_streams_on_one_socket(base: str) -> None:
 
 
 def test_chunked_request_body_is_refused_with_411(base: str) -> None:
-    with send(base, head=b"Transfer-Encoding: chunked\r\n") as sock:
+    url = urlsplit(base)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/chat-messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        )
         assert read_head(sock.makefile("rb"))[0] == 411
 
 

@@ -1,14 +1,17 @@
-"""The stand-in's non-chat API: per-user conversations, the incremental multipart parser,
-and the call log the proxy's integration tests read."""
+"""The stand-in's non-chat API: per-user conversations, uploads read as they arrive, and the
+call log the proxy's integration tests read."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import requests
 
-from dify_proxy.standin import FAKE_AUDIO, _HTTPError, _Multipart, start_in_thread
+from dify_proxy.standin import FAKE_AUDIO, start_in_thread
 
 KEY = "app-standin-api-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -46,15 +49,30 @@ def chat(base: str, user: str, conversation_id: str | None = None) -> dict:
     return requests.post(f"{base}/chat-messages", headers=AUTH, json=body, timeout=5).json()
 
 
-@pytest.mark.parametrize("size", [1, 3, 7, 64, len(BODY)])
-def test_multipart_parsing_does_not_depend_on_how_the_body_is_sliced(size: int) -> None:
-    form = _Multipart("multipart/form-data; boundary=XyZ")
-    for i in range(0, len(BODY), size):
-        form.feed(BODY[i : i + size])
-    form.finish()
-    assert form.fields == {"user": "u-1"}
+def upload_in_slices(base: str, body: bytes, size: int) -> int:
+    """POST `body` as a multipart upload, `size` bytes per TCP segment; returns the status."""
+    url = urlsplit(base)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(
+            b"POST /v1/files/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        for i in range(0, len(body), size):
+            sock.sendall(body[i : i + size])
+            time.sleep(0.001)
+        return int(sock.makefile("rb").readline().split()[1])
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, len(BODY)])
+def test_an_upload_is_parsed_the_same_however_its_body_is_sliced(base: str, size: int) -> None:
+    assert upload_in_slices(base, BODY, size) == 201
+    upload = calls(base)[-1]
+    assert upload["form"] == {"user": "u-1"}
     expected_size = len(b"line one\r\n--XyNOT a boundary\r\n--Xy")
-    assert form.files == [
+    assert upload["files"] == [
         {
             "field": "file",
             "filename": "a b.txt",
@@ -64,12 +82,8 @@ def test_multipart_parsing_does_not_depend_on_how_the_body_is_sliced(size: int) 
     ]
 
 
-def test_an_unfinished_multipart_body_is_a_400() -> None:
-    form = _Multipart("multipart/form-data; boundary=XyZ")
-    form.feed(BODY[:60])
-    with pytest.raises(_HTTPError) as caught:
-        form.finish()
-    assert caught.value.status == 400
+def test_an_unfinished_multipart_body_is_a_400(base: str) -> None:
+    assert upload_in_slices(base, BODY[:60], 60) == 400
 
 
 def test_an_upload_larger_than_any_json_body_is_counted_and_its_user_recorded(base: str) -> None:
