@@ -1,12 +1,15 @@
 """Stream leases and token budgets without Redis, and when Redis cannot be reached."""
 
 import logging
+import time
 
 import pytest
+import redis
 
 from dify_proxy import quotas as quotas_module
 from dify_proxy.quotas import Quotas
 from tests.support.processes import free_port
+from tests.support.redis_server import RedisServer
 
 
 def local(max_streams=2, lease_seconds=60.0, budget=0) -> Quotas:
@@ -102,3 +105,192 @@ def test_an_unreachable_redis_is_logged_once_per_interval(unreachable, caplog, m
 
 def test_check_redis_reports_an_unreachable_redis(unreachable):
     assert unreachable.check_redis() is False
+
+
+def test_releasing_one_local_lease_keeps_the_users_other_leases():
+    quotas = local(max_streams=2)
+    first = quotas.acquire_stream("u")
+    assert quotas.acquire_stream("u")
+    quotas.release_stream("u", first)
+    assert quotas.acquire_stream("u") is not None
+    assert quotas.acquire_stream("u") is None
+
+
+def test_releasing_a_lease_twice_frees_only_one_slot():
+    quotas = local(max_streams=2)
+    first = quotas.acquire_stream("u")
+    assert quotas.acquire_stream("u")
+    quotas.release_stream("u", first)
+    quotas.release_stream("u", first)
+    assert quotas.acquire_stream("u") is not None
+    assert quotas.acquire_stream("u") is None
+
+
+def test_a_lease_expires_exactly_lease_seconds_after_it_was_taken(monkeypatch):
+    quotas = local(max_streams=1, lease_seconds=10)
+    now = [1000.0]
+    monkeypatch.setattr(quotas_module.time, "monotonic", lambda: now[0])
+    quotas.acquire_stream("u")
+    now[0] += 9.9
+    assert quotas.acquire_stream("u") is None
+    now[0] += 0.1
+    assert quotas.acquire_stream("u") is not None
+
+
+def test_renewing_an_unknown_or_released_lease_takes_no_slot(monkeypatch):
+    quotas = local(max_streams=1)
+    lease = quotas.acquire_stream("u")
+    quotas.release_stream("u", lease)
+    quotas.renew_stream("u", lease)
+    quotas.renew_stream("nobody", lease)
+    assert quotas.acquire_stream("u") is not None
+
+
+def test_yesterdays_tokens_do_not_count_today(monkeypatch):
+    quotas = local(budget=100)
+    monkeypatch.setattr(quotas_module, "_today", lambda: "20260101")
+    quotas.add_tokens("u", 100)
+    assert quotas.over_budget("u")
+    monkeypatch.setattr(quotas_module, "_today", lambda: "20260102")
+    assert not quotas.over_budget("u")
+    assert quotas.tokens_used("u") == 0
+
+
+def test_zero_or_negative_usage_adds_nothing():
+    quotas = local(budget=10)
+    quotas.add_tokens("u", 0)
+    quotas.add_tokens("u", -5)
+    assert quotas.tokens_used("u") == 0
+
+
+def test_reaching_the_budget_exactly_is_over_it():
+    quotas = local(budget=10)
+    quotas.add_tokens("u", 9)
+    assert not quotas.over_budget("u")
+    quotas.add_tokens("u", 1)
+    assert quotas.over_budget("u")
+
+
+# --- shared through a real Redis -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    redis.Redis.from_url(redis_server.url).flushdb()
+    return redis_server.url
+
+
+def shared(redis_url, max_streams=2, lease_seconds=60.0, budget=0) -> Quotas:
+    return Quotas(
+        redis_url, max_streams=max_streams, lease_seconds=lease_seconds, daily_token_budget=budget
+    )
+
+
+def test_two_instances_share_a_users_stream_slots_through_redis(redis_url):
+    a, b = shared(redis_url, max_streams=2), shared(redis_url, max_streams=2)
+    assert a.acquire_stream("u") and b.acquire_stream("u")
+    assert a.acquire_stream("u") is None
+    assert b.acquire_stream("someone-else") is not None
+
+
+def test_a_lease_released_on_one_instance_frees_the_slot_on_another(redis_url):
+    a, b = shared(redis_url, max_streams=1), shared(redis_url, max_streams=1)
+    lease = a.acquire_stream("u")
+    assert b.acquire_stream("u") is None
+    a.release_stream("u", lease)
+    assert b.acquire_stream("u") is not None
+
+
+def test_a_redis_lease_that_is_not_renewed_expires(redis_url):
+    """A worker killed mid-stream never releases its lease; Redis's clock frees the slot."""
+    quotas = shared(redis_url, max_streams=1, lease_seconds=0.2)
+    quotas.acquire_stream("u")
+    time.sleep(0.3)
+    assert quotas.acquire_stream("u") is not None
+
+
+def test_renewing_a_redis_lease_pushes_its_expiry_out(redis_url):
+    quotas = shared(redis_url, max_streams=1, lease_seconds=60)
+    lease = quotas.acquire_stream("u")
+    client = redis.Redis.from_url(redis_url)
+    (key,) = client.keys("*")
+    before = client.zrange(key, 0, -1, withscores=True)[0][1]
+    quotas.lease_seconds = 600
+    quotas.renew_stream("u", lease)
+    after = client.zrange(key, 0, -1, withscores=True)[0][1]
+    assert after - before > 500
+    assert client.ttl(key) > 500
+
+
+def test_renewing_a_released_redis_lease_does_not_bring_it_back(redis_url):
+    quotas = shared(redis_url, max_streams=1)
+    lease = quotas.acquire_stream("u")
+    quotas.release_stream("u", lease)
+    quotas.renew_stream("u", lease)
+    assert quotas.acquire_stream("u") is not None
+
+
+def test_a_users_leases_key_expires_with_its_last_lease(redis_url):
+    quotas = shared(redis_url, max_streams=1, lease_seconds=30)
+    quotas.acquire_stream("u")
+    client = redis.Redis.from_url(redis_url)
+    (key,) = client.keys("*")
+    assert 30 <= client.ttl(key) <= 31
+
+
+def test_tokens_add_up_across_instances_through_redis(redis_url):
+    a, b = shared(redis_url, budget=100), shared(redis_url, budget=100)
+    a.add_tokens("u", 60)
+    b.add_tokens("u", 39)
+    assert a.tokens_used("u") == 99 and not b.over_budget("u")
+    a.add_tokens("u", 1)
+    assert b.over_budget("u")
+
+
+def test_a_days_token_count_is_kept_two_days_then_forgotten(redis_url):
+    quotas = shared(redis_url, budget=100)
+    quotas.add_tokens("u", 5)
+    client = redis.Redis.from_url(redis_url)
+    (key,) = client.keys("*")
+    assert 2 * 86400 - 5 <= client.ttl(key) <= 2 * 86400
+
+
+def test_without_a_budget_nothing_is_written_to_redis(redis_url):
+    quotas = shared(redis_url, budget=0)
+    quotas.add_tokens("u", 5)
+    assert redis.Redis.from_url(redis_url).keys("*") == []
+
+
+def test_check_redis_reports_a_reachable_redis_and_clears_the_last_error(redis_url):
+    quotas = shared(redis_url)
+    quotas.redis_error = "ConnectionError"
+    assert quotas.check_redis() is True
+    assert quotas.redis_error is None
+
+
+def test_after_a_redis_failure_counts_stay_local_until_the_retry_interval_passes(monkeypatch):
+    server = RedisServer()  # not started yet: Redis is down
+    quotas = shared(server.url, max_streams=5)
+    now = [1000.0]
+    monkeypatch.setattr(quotas_module.time, "monotonic", lambda: now[0])
+    assert quotas.acquire_stream("u") is not None
+    assert quotas.redis_error == "ConnectionError"
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        now[0] += quotas_module.REDIS_RETRY_SECONDS - 0.1
+        quotas.acquire_stream("u")
+        assert client.keys("*") == []
+        now[0] += 0.1
+        quotas.acquire_stream("u")
+        assert len(client.keys("*")) == 1
+    finally:
+        server.stop()
