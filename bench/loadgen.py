@@ -208,7 +208,7 @@ class Stream(asyncio.Protocol):
                     line for line in event.split(b"\n") if line.startswith(b"data:")
                 )
             else:
-                continue  # a comment (`: stream open`, keep-alive) or an id-only event
+                continue  # a keep-alive (`event: ping`, with or without an id)
             self.events += 1
             self.data_bytes += len(payload)
             head = payload[:64]

@@ -120,6 +120,20 @@ def is_reconnect() -> bool:
     return "Last-Event-ID" in request.headers or "lastEventId" in request.args
 
 
+def wants_ids() -> bool:
+    """Whether this client uses SSE event ids: EventSource (which can only GET) always does, and
+    a POST does when it says it speaks SSE with `Accept: text/event-stream`, which
+    fetch-event-source sends by default. Everyone else gets exactly Dify's framing: code written
+    for Dify (its web template, its SDKs) reads no `id:` line and sends no `Accept` of that kind.
+    """
+    if request.method == "GET":
+        return True
+    return any(
+        value.lower() == "text/event-stream" and quality > 0
+        for value, quality in request.accept_mimetypes
+    )
+
+
 @bp.post("/chat")
 @require_session
 @per_user(exempt_when=is_reconnect)
@@ -207,6 +221,7 @@ def answer(payload: dict[str, Any]) -> Response:
         heartbeat_interval=settings.heartbeat_interval,
         stop=functools.partial(dify.stop, user=user, request_id=g.get("request_id")),
         stats=stats,
+        ids=wants_ids(),
         on_tick=renew_lease,
         on_end=finish,
     )

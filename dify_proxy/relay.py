@@ -3,9 +3,13 @@
 Under WSGI a response generator learns that its client left only when a write fails, and it
 cannot write while blocked reading Dify. So a reader (a greenlet under gunicorn's gevent worker,
 a thread elsewhere) reads Dify and hands whole events over a queue; the generator waits on that
-queue for at most one heartbeat interval and writes a keep-alive comment when the wait runs out.
+queue for at most one heartbeat interval and writes a keep-alive when the wait runs out.
 That write is where a gone client shows up (GeneratorExit), and the generator's `finally`
 closes the upstream response and asks Dify to stop spending tokens.
+
+What the client reads is what Dify sent: its bytes unchanged, its `event: ping` included, and
+keep-alives of the proxy's own in the same `event: ping` form. Clients that use event ids (see
+`chat.wants_ids`) also get an `id:` line in each data event.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
 YIELD_EVERY_SECONDS = 0.005
-_open: dict[queue.Queue, StreamStats] = {}  # every stream this process is relaying now
+_open: dict[queue.Queue, tuple[StreamStats, bool]] = {}  # streams relayed now, and their `ids`
 TERMINAL_EVENTS = frozenset({"message_end", "error"})
 
 
@@ -38,7 +42,8 @@ class StreamStats:
     """What the request log line reports about a stream; filled in as it runs."""
 
     started: float = field(default_factory=time.perf_counter)
-    stream_id: bytes = field(default_factory=lambda: secrets.token_hex(6).encode())
+    # 128 random bits: the id is all it takes to name an answer in a reconnect.
+    stream_id: bytes = field(default_factory=lambda: secrets.token_urlsafe(16).encode())
     first_event: float | None = None
     events: int = 0
     bytes: int = 0
@@ -61,26 +66,30 @@ def relay(
     heartbeat_interval: float,
     stop: Callable[[str], None],
     stats: StreamStats,
+    ids: bool = False,
     on_tick: Callable[[], None] = lambda: None,
     on_end: Callable[[StreamStats], None] = lambda stats: None,
 ) -> Iterator[bytes]:
-    """Yield the client's bytes: a first comment at once, then Dify's events unchanged.
+    """Yield the client's bytes: the response head at once, then Dify's events unchanged.
 
-    `on_tick` runs at least once per heartbeat interval while the stream is open (to renew a
-    lease); `on_end` runs once when it closes, however it ended.
+    With `ids`, the first write is a ping carrying the stream's first id, and every data event
+    carries its own. `on_tick` runs at least once per heartbeat interval while the stream is
+    open (to renew a lease); `on_end` runs once when it closes, however it ended.
     """
     handoff: queue.Queue[bytes | _End] = queue.Queue()
-    reader = threading.Thread(target=_read, args=(upstream, handoff, stats), daemon=True)
-    _open[handoff] = stats
+    reader = threading.Thread(target=_read, args=(upstream, handoff, stats, ids), daemon=True)
+    _open[handoff] = (stats, ids)
     try:
-        yield sse.event_id(stats.stream_id, 0) + sse.FIRST_COMMENT
+        # An empty write sends the response head now (gunicorn flushes it before the body), so
+        # a browser or a router sees the stream open before Dify's first event.
+        yield sse.opening(_event_id(stats, 0)) if ids else b""
         reader.start()
         while True:
             try:
                 item = handoff.get(timeout=heartbeat_interval)
             except queue.Empty:
                 on_tick()
-                yield sse.KEEPALIVE
+                yield sse.PING
                 continue
             # Whatever else has arrived meanwhile goes out in the same write: under a burst of
             # events that is one syscall instead of one per network read.
@@ -124,10 +133,11 @@ def drain() -> int:
     ended and can ask again, instead of a silent cut when the graceful timeout runs out.
     """
     streams = list(_open.items())
-    for handoff, stats in streams:
+    for handoff, (stats, ids) in streams:
         handoff.put(
             _upstream_failed(
                 stats,
+                ids,
                 "server_restarting",
                 503,
                 "server_restarting",
@@ -137,15 +147,17 @@ def drain() -> int:
     return len(streams)
 
 
-def _read(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats) -> None:
+def _read(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats, ids: bool) -> None:
     """Frame Dify's bytes into whole events and hand them over, one batch per network read."""
     try:
-        _read_events(upstream, handoff, stats)
+        _read_events(upstream, handoff, stats, ids)
     finally:
         upstream.close()
 
 
-def _read_events(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats) -> None:
+def _read_events(
+    upstream: requests.Response, handoff: queue.Queue, stats: StreamStats, ids: bool
+) -> None:
     pending = b""
     terminal: str | None = None
     yielded_at = 0.0
@@ -160,18 +172,16 @@ def _read_events(upstream: requests.Response, handoff: queue.Queue, stats: Strea
                 continue
             out = []
             for event in events:
-                kind = sse.event_type(event)
-                if kind == "ping":
-                    out.append(sse.PING_COMMENT)
-                    continue
-                if kind is not None:
+                if sse.is_data_event(event):
                     stats.events += 1
+                    kind = sse.event_type(event)
                     if stats.task_id is None or kind == "message_end":
                         _note_ids(stats, sse.event_data(event))
                     if kind in TERMINAL_EVENTS:
                         terminal = kind
-                    out.append(sse.event_id(stats.stream_id, stats.events))
-                out.append(event)
+                    if ids:
+                        event = sse.with_id(event, _event_id(stats, stats.events))
+                out.append(event)  # Dify's pings, and anything else, exactly as sent
             handoff.put(b"".join(out))
             # While Dify sends faster than we read, the socket never blocks, and a greenlet
             # only switches when it blocks: without this the writer would wait for the whole
@@ -187,6 +197,7 @@ def _read_events(upstream: requests.Response, handoff: queue.Queue, stats: Strea
             handoff.put(
                 _upstream_failed(
                     stats,
+                    ids,
                     "timeout",
                     504,
                     "upstream_timeout",
@@ -203,6 +214,7 @@ def _read_events(upstream: requests.Response, handoff: queue.Queue, stats: Strea
         handoff.put(
             _upstream_failed(
                 stats,
+                ids,
                 "upstream_dropped",
                 502,
                 "upstream_dropped",
@@ -226,24 +238,31 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _upstream_failed(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:
-    """End the client's stream the way Dify ends a failed one: a final `error` data event."""
+def _event_id(stats: StreamStats, seq: int) -> bytes:
+    return b"%b-%d" % (stats.stream_id, seq)
+
+
+def _upstream_failed(
+    stats: StreamStats, ids: bool, reason: str, status: int, code: str, message: str
+) -> _End:
+    """End the client's stream the way Dify ends a failed one: a final `error` data event.
+
+    Its status is the truthful one (502, 503, 504), not the 400 that Dify's own web template
+    looks for: a front end detects the failure by the `error` event type (see the README).
+    """
     stats.events += 1
-    return _End(
-        reason,
-        sse.event_id(stats.stream_id, stats.events)
-        + sse.data_event(
-            {
-                "event": "error",
-                "conversation_id": stats.conversation_id,
-                "message_id": stats.message_id,
-                "created_at": int(time.time()),
-                "status": status,
-                "code": code,
-                "message": message,
-            }
-        ),
+    event = sse.data_event(
+        {
+            "event": "error",
+            "conversation_id": stats.conversation_id,
+            "message_id": stats.message_id,
+            "created_at": int(time.time()),
+            "status": status,
+            "code": code,
+            "message": message,
+        }
     )
+    return _End(reason, sse.with_id(event, _event_id(stats, stats.events)) if ids else event)
 
 
 def _hang_up(upstream: requests.Response) -> None:

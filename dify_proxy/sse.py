@@ -19,10 +19,12 @@ _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _EVENT_KEY = re.compile(rb'"event"\s*:\s*"([^"\\]*)"')
 _PING = re.compile(rb"[\r\n]*event: ?ping(?:\r\n|\r|\n)")
+_DATA_LINE = re.compile(rb"(?:^|[\r\n])data:")
 
-FIRST_COMMENT = b": stream open\n\n"
-KEEPALIVE = b": keep-alive\n\n"
-PING_COMMENT = b": ping\n\n"
+# Dify's own keep-alive. The proxy sends nothing Dify could not have sent itself, so a client
+# written for Dify sees nothing new: no comment lines, and `id:` lines only for clients that
+# asked for them (see `with_id`).
+PING = b"event: ping\n\n"
 
 
 def cut_events(buffer: bytes, scan_from: int = 0) -> tuple[list[bytes], bytes]:
@@ -65,10 +67,34 @@ def event_data(event: bytes) -> Any:
         return None
 
 
-def event_id(stream_id: bytes, seq: int) -> bytes:
-    """An `id:` line to put in front of an event. EventSource clients send the last one back
-    when they reconnect, which is how a reconnect is told apart from a new question."""
-    return b"id: %b-%d\n" % (stream_id, seq)
+def is_data_event(event: bytes) -> bool:
+    """Whether the block has a `data:` line, the ones an SSE reader dispatches as a message."""
+    return _DATA_LINE.search(event) is not None
+
+
+def with_id(event: bytes, event_id: bytes) -> bytes:
+    """The event with an `id:` line added as its last line, just before the blank line.
+
+    Last, not first: a reader that looks only at lines starting `data: ` skips it either way,
+    but one that parses a network chunk as `data: {json}` (LobeChat's Dify provider) needs the
+    chunk to start with Dify's `data:` line. SSE readers apply an id at dispatch, wherever the
+    line stands. Dify's bytes stay as they are, line endings included.
+    """
+    if event.endswith(b"\r\n"):
+        end = 2
+    else:
+        end = 1  # "\n" or a lone "\r"
+    return event[:-end] + b"id: " + event_id + b"\n" + event[-end:]
+
+
+def opening(event_id: bytes) -> bytes:
+    """What an id-using client gets first: a ping carrying the stream's first id.
+
+    A drop before Dify's first event is then a reconnect too. It rides on `event: ping`
+    rather than a comment or an empty block, which fetch-event-source and httpx-sse would hand
+    over as an empty message that `JSON.parse` fails on.
+    """
+    return b"event: ping\nid: " + event_id + b"\n\n"
 
 
 def data_event(payload: dict[str, Any]) -> bytes:

@@ -123,6 +123,33 @@ class _Knobs:
         self.code: str = _opt(raw, "code", str, "stand_in_error")
         self.message: str = _opt(raw, "message", str, "stand-in error")
         self.retry_after = raw.get("retry_after")
+        # A recorded stream, sent byte for byte instead of a generated answer: `replay` is the
+        # body as Dify framed it, cut into `replay_pieces` (sizes, cycled; empty: one piece per
+        # event), `replay_delay` seconds apart, with one `replay_stall`-second silence before
+        # piece `replay_stall_at` (to let keep-alives fire mid-answer).
+        self.replay: str | None = _opt(raw, "replay", str, None)
+        pieces = raw.get("replay_pieces", [])
+        if not isinstance(pieces, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in pieces
+        ):
+            raise _bad("inputs._standin.replay_pieces must be a list of positive integers")
+        self.replay_pieces: list[int] = pieces
+        self.replay_delay: float = _opt(raw, "replay_delay", float, 0.002)
+        self.replay_stall: float = _opt(raw, "replay_stall", float, 0.0)
+        self.replay_stall_at: int = _opt(raw, "replay_stall_at", int, 0)
+
+    def replay_writes(self) -> list[bytes]:
+        """The recorded body cut into the writes that deliver it."""
+        data = (self.replay or "").encode("utf-8", "surrogatepass")
+        if not self.replay_pieces:
+            return [part + b"\n\n" for part in data.split(b"\n\n") if part]
+        writes, at = [], 0
+        for size in itertools.cycle(self.replay_pieces):
+            if at >= len(data):
+                return writes
+            writes.append(data[at : at + size])
+            at += size
+        return writes
 
     def delta(self) -> str:
         """The one answer every event carries in `events` mode."""
@@ -1009,6 +1036,8 @@ class StandIn:
         conn.writer.write(STREAM_HEAD % (b"keep-alive" if keep else b"close"))
         await conn.writer.drain()
         task.record["status"] = 200
+        if k.replay is not None:
+            return await self._replay(conn, task, k, keep)
         await task.pause(k.first_delay)
         for _ in range(k.pings):
             await task.pause(k.ping_interval)
@@ -1062,6 +1091,19 @@ class StandIn:
         conn.writer.write(LAST_CHUNK)
         await conn.writer.drain()
         task.finish({"message_end": "completed", "error": "error_event"}.get(end, end))
+        return keep
+
+    async def _replay(self, conn: _Conn, task: _Task, k: _Knobs, keep: bool) -> bool:
+        """Send a recorded stream exactly as recorded, in the pieces the scenario asks for."""
+        for i, data in enumerate(k.replay_writes()):
+            await task.pause(k.replay_stall if i == k.replay_stall_at else k.replay_delay)
+            if task.closed:
+                return False
+            conn.writer.write(_chunk(data))
+            await conn.writer.drain()
+        conn.writer.write(LAST_CHUNK)
+        await conn.writer.drain()
+        task.finish("completed")
         return keep
 
 

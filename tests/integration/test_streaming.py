@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 
 import requests
 
-from tests.integration.conftest import HEARTBEAT, READ_TIMEOUT, scenario
+from tests.integration.conftest import DIFY_KEY, HEARTBEAT, READ_TIMEOUT, scenario
 from tests.support import tokens
 from tests.support.sse_client import read_stream
 
@@ -27,14 +28,35 @@ def test_an_event_reaches_the_client_while_dify_still_holds_the_stream_open(prox
     assert not received.ended
 
 
-def test_headers_and_a_first_comment_come_before_difys_first_event(proxy, standin):
-    response = proxy.chat(scenario(first_delay=1.5, events=1))
+def test_the_response_head_comes_before_difys_first_event(proxy, standin):
+    sent = time.monotonic()
+    response = proxy.chat(scenario(first_delay=2, events=1))
+    head_time = time.monotonic()
     assert response.status_code == 200
     received = read_stream(response)
-    first_time, first_chunk = received.chunks[0]
     data_time = next(t for t, c in received.chunks if b"data:" in c)
-    assert first_chunk.endswith(b"\n: stream open\n\n")
-    assert data_time - first_time > 1.0
+    assert data_time - head_time > 1.0
+    assert head_time - sent < 1.5
+
+
+def test_a_client_that_did_not_ask_for_ids_gets_exactly_what_dify_sent(proxy, standin):
+    knobs = {"text": SPECIAL_TEXT, "events": 3, "pings": 1}
+    direct = standin.chat(DIFY_KEY, knobs)
+    received = read_stream(proxy.chat(scenario(**knobs)))
+    assert received.body == _with_ids_of(direct, received.body)
+    assert b"id:" not in received.body and b"\n:" not in received.body
+
+
+def _with_ids_of(direct: bytes, proxied: bytes) -> bytes:
+    """The stand-in's body with the proxied body's ids, task and message ids swapped in: each
+    request gets its own, and everything else must be byte-identical."""
+    keys = (b"conversation_id", b"message_id", b"task_id", b"id", b"created_at", b"latency")
+    for key in keys:
+        value = rb'"%b":("[^"]*"|[\d.]+)' % key
+        theirs = re.search(value, proxied)
+        if theirs:
+            direct = re.sub(value, b'"%b":%b' % (key, theirs.group(1)), direct)
+    return direct
 
 
 def test_stream_headers_say_no_caching_no_buffering_no_compression(proxy, standin):
@@ -46,18 +68,17 @@ def test_stream_headers_say_no_caching_no_buffering_no_compression(proxy, standi
     assert "Content-Encoding" not in response.headers
 
 
-def test_keep_alive_comments_flow_while_dify_is_silent(proxy, standin):
+def test_keep_alives_in_difys_own_ping_form_flow_while_dify_is_silent(proxy, standin):
     response = proxy.chat(scenario(first_delay=HEARTBEAT * 5, events=1))
     received = read_stream(response)
     before_data = received.body.split(b"data:")[0]
-    assert before_data.count(b": keep-alive\n\n") >= 3
+    assert before_data.count(b"event: ping\n\n") >= 3
+    assert before_data == b"event: ping\n\n" * before_data.count(b"event: ping\n\n")
 
 
-def test_difys_ping_is_relayed_as_a_comment(proxy, standin):
+def test_difys_ping_is_relayed_as_it_is(proxy, standin):
     response = proxy.chat(scenario(pings=2, ping_interval=0.05, events=1))
-    body = read_stream(response).body
-    assert body.count(b": ping\n\n") == 2
-    assert b"event: ping" not in body
+    assert read_stream(response).body.startswith(b"event: ping\n\nevent: ping\n\ndata: ")
 
 
 def assert_relayed_unchanged(received, text: str) -> None:
@@ -163,10 +184,13 @@ def test_blocking_mode_returns_difys_json(proxy, standin):
     assert response.json()["answer"].startswith("You said: hi")
 
 
-def test_every_event_has_a_unique_id_for_eventsource_clients(proxy, standin):
-    received = read_stream(proxy.chat(scenario(events=5, interval=0)))
+SSE = {"Accept": "text/event-stream"}
+
+
+def test_every_event_has_a_unique_id_for_clients_that_speak_sse(proxy, standin):
+    received = read_stream(proxy.chat(scenario(events=5, interval=0), headers=SSE))
     ids = received.ids()
-    assert len(ids) == len(set(ids)) == 1 + 6  # the opening comment, 5 messages, message_end
+    assert len(ids) == len(set(ids)) == 1 + 6  # the opening ping, 5 messages, message_end
 
 
 def test_a_get_streams_the_same_answer_for_eventsource_clients(proxy, standin):
@@ -182,7 +206,7 @@ def test_a_get_streams_the_same_answer_for_eventsource_clients(proxy, standin):
 
 
 def test_a_reconnect_is_204_and_dify_is_not_asked_again(proxy, standin):
-    received = read_stream(proxy.chat(scenario(events=1, interval=0)))
+    received = read_stream(proxy.chat(scenario(events=1, interval=0), headers=SSE))
     response = proxy.chat(scenario(events=1), headers={"Last-Event-ID": received.ids()[-1]})
     assert response.status_code == 204
     assert len(standin.chats()) == 1

@@ -362,3 +362,28 @@ def test_sigterm_exits_cleanly_with_a_stream_open() -> None:
         next(chunks(f))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(5) == 0
+
+
+RECORDED = (
+    'data: {"event":"message","answer":"a"}\n\nevent: ping\n\ndata: {"event":"message_end"}\n\n'
+)
+
+
+def test_a_replayed_recording_arrives_byte_for_byte_in_the_pieces_asked_for(base: str) -> None:
+    with send(base, {"replay": RECORDED, "replay_pieces": [5, 1, 7]}) as sock:
+        got = stream(sock)
+    assert b"".join(got) == RECORDED.encode()
+    assert [len(c) for c in got[:4]] == [5, 1, 7, 5]
+    assert calls(base)[0]["stream_end"] == "completed"
+
+
+def test_a_replay_without_pieces_is_one_write_per_event(base: str) -> None:
+    with send(base, {"replay": RECORDED}) as sock:
+        got = stream(sock)
+    assert got == [block.encode() + b"\n\n" for block in RECORDED.split("\n\n") if block]
+
+
+def test_replay_pieces_must_be_positive_sizes(base: str) -> None:
+    with send(base, {"replay": RECORDED, "replay_pieces": [3, 0]}) as sock:
+        status, _ = read_head(sock.makefile("rb"))
+    assert status == 400

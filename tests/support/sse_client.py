@@ -28,17 +28,22 @@ class Received:
         return [_without_id(e) for e in self.events() if b"data:" in e]
 
     def ids(self) -> list[str]:
-        return [e.split(b"\n", 1)[0][4:].decode() for e in self.events() if e.startswith(b"id: ")]
+        return [
+            line[4:].decode()
+            for e in self.events()
+            for line in e.split(b"\n")
+            if line.startswith(b"id: ")
+        ]
 
     def data(self) -> list[dict]:
         return [json.loads(e[len(b"data: ") :]) for e in self.data_events()]
 
-    def comments(self) -> list[bytes]:
-        return [_without_id(e) for e in self.events() if _without_id(e).startswith(b":")]
+    def pings(self) -> int:
+        return sum(1 for e in self.events() if _without_id(e) == b"event: ping\n\n")
 
 
 def _without_id(event: bytes) -> bytes:
-    return event.split(b"\n", 1)[1] if event.startswith(b"id: ") else event
+    return b"\n".join(line for line in event.split(b"\n") if not line.startswith(b"id: "))
 
 
 def read_stream(

@@ -25,6 +25,22 @@ class StandIn:
     def stops(self) -> list[dict]:
         return [c for c in self.calls() if c["path"].endswith("/stop")]
 
+    def chat(self, key: str, knobs: dict, query: str = "hi") -> bytes:
+        """Ask the stand-in directly, as the proxy would, and return its streamed body."""
+        response = requests.post(
+            f"{self.url}/chat-messages",
+            json={
+                "query": query,
+                "inputs": {"_standin": knobs},
+                "user": "direct",
+                "response_mode": "streaming",
+            },
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        response.raise_for_status()
+        return response.content
+
     def reset(self) -> None:
         requests.post(f"{self.root}/_standin/reset", timeout=5)
 

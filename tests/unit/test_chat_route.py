@@ -146,25 +146,56 @@ def blocks(body: bytes) -> list[bytes]:
     return [block for block in body.split(b"\n\n") if block]
 
 
-def test_a_stream_opens_with_a_comment_then_relays_difys_events(client, auth, dify_stream):
-    body = post(client, auth, {"message": "hi"}).get_data()
-    assert blocks(body)[0].split(b"\n")[1].startswith(b": ")
-    data_events = [b.split(b"\n", 1)[1] for b in blocks(body) if b"data:" in b]
-    assert b"\n\n".join(data_events) + b"\n\n" == STREAM.replace(b"event: ping\n\n", b"")
+def test_a_client_that_did_not_ask_for_ids_gets_exactly_difys_bytes(client, auth, dify_stream):
+    assert post(client, auth, {"message": "hi"}).get_data() == STREAM
 
 
-def test_every_data_event_carries_a_unique_id_line(client, auth, dify_stream):
-    body = post(client, auth, {"message": "hi"}).get_data()
-    data_blocks = [b for b in blocks(body) if b"data:" in b]
-    ids = [b.split(b"\n", 1)[0] for b in data_blocks]
+def test_a_client_that_accepts_event_streams_gets_ids(client, auth, dify_stream):
+    headers = {**auth, "Accept": "text/event-stream"}
+    body = post(client, auth, {"message": "hi"}, headers=headers).get_data()
+    assert body.count(b"\nid: ") == 3
+
+
+def test_accepting_anything_is_not_asking_for_ids(client, auth, dify_stream):
+    headers = {**auth, "Accept": "*/*"}
+    assert post(client, auth, {"message": "hi"}, headers=headers).get_data() == STREAM
+
+
+def test_an_eventsource_get_always_gets_ids(client, auth, dify_stream):
+    body = client.get("/api/chat?message=hi", headers=auth).get_data()
+    assert b"\nid: " in body
+
+
+def sse_post(client, auth):
+    return post(client, auth, {"message": "hi"}, headers={**auth, "Accept": "text/event-stream"})
+
+
+def test_with_ids_every_data_event_ends_with_a_unique_id_line(client, auth, dify_stream):
+    data_blocks = [b for b in blocks(sse_post(client, auth).get_data()) if b"data:" in b]
+    ids = [b.rsplit(b"\n", 1)[1] for b in data_blocks]
     assert all(i.startswith(b"id: ") for i in ids)
     assert len(set(ids)) == len(ids) == 2
 
 
-def test_the_opening_comment_carries_an_id_so_an_early_drop_is_also_a_reconnect(
+def test_with_ids_the_data_lines_are_difys_own_bytes(client, auth, dify_stream):
+    data_blocks = [b for b in blocks(sse_post(client, auth).get_data()) if b"data:" in b]
+    assert [b.rsplit(b"\n", 1)[0] for b in data_blocks] == [
+        b for b in blocks(STREAM) if b"data:" in b
+    ]
+
+
+def test_with_ids_the_first_id_rides_on_a_ping_so_an_early_drop_is_also_a_reconnect(
     client, auth, dify_stream
 ):
-    assert blocks(post(client, auth, {"message": "hi"}).get_data())[0].startswith(b"id: ")
+    first = blocks(sse_post(client, auth).get_data())[0]
+    assert first.split(b"\n")[0] == b"event: ping"
+    assert first.split(b"\n")[1].startswith(b"id: ")
+
+
+def test_event_ids_name_the_stream_with_at_least_128_random_bits(client, auth, dify_stream):
+    first = blocks(sse_post(client, auth).get_data())[0]
+    stream_id = first.split(b"id: ")[1].rsplit(b"-", 1)[0]
+    assert len(stream_id) >= 22  # URL-safe base64 of 16 random bytes
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
@@ -218,10 +249,11 @@ def test_get_with_a_bad_query_is_400_and_never_reaches_dify(client, auth, reques
     assert requests_mock.call_count == 0
 
 
-def test_difys_ping_becomes_a_comment(client, auth, dify_stream):
-    body = post(client, auth, {"message": "hi"}).get_data()
-    assert b"event: ping" not in body
-    assert b": ping\n\n" in body
+@pytest.mark.parametrize("accept", ["*/*", "text/event-stream"])
+def test_difys_ping_passes_through_and_nothing_is_a_comment(client, auth, dify_stream, accept):
+    body = post(client, auth, {"message": "hi"}, headers={**auth, "Accept": accept}).get_data()
+    assert b"event: ping\n\n" in body
+    assert not [line for line in body.split(b"\n") if line.startswith(b":")]
 
 
 def test_dify_errors_before_the_stream_become_real_http_statuses(client, auth, requests_mock):

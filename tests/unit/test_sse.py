@@ -1,6 +1,7 @@
 """SSE framing on raw bytes: whatever the read boundaries, events come out whole and unchanged."""
 
 import json
+import re
 
 import pytest
 
@@ -164,3 +165,32 @@ def test_framing_a_large_event_in_small_reads_looks_at_each_byte_a_bounded_numbe
     big = b'data: {"event":"message","answer":"' + b"x" * 1_000_000 + b'"}\n\n'
     assert frame_in_pieces(big, 16_384) == [big]
     assert sum(scanned) < 2 * len(big)
+
+
+@pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n"])
+def test_an_id_goes_last_in_the_event_and_keeps_difys_line_ends(end):
+    event = b'data: {"event":"message"}' + end
+    framed = sse.with_id(event, b"s-1")
+    assert framed.startswith(b'data: {"event":"message"}' + end[: len(end) // 2])
+    assert sse.cut_events(framed) == ([framed], b"")
+    assert [line for line in re.split(rb"\r\n|\r|\n", framed) if line][-1] == b"id: s-1"
+
+
+@pytest.mark.parametrize(
+    ("event", "is_data"),
+    [
+        (b"data: {}\n\n", True),
+        (b"data:{}\n\n", True),
+        (b"event: message\ndata: {}\n\n", True),
+        (b"event: ping\n\n", False),
+        (b": comment data: x\n\n", False),
+        (b"id: 3\r\rdata: x\r\r", True),
+    ],
+)
+def test_a_data_event_is_a_block_with_a_data_line(event, is_data):
+    assert sse.is_data_event(event) is is_data
+
+
+def test_the_opening_is_a_ping_that_carries_an_id():
+    assert sse.opening(b"s-0") == b"event: ping\nid: s-0\n\n"
+    assert sse.event_type(sse.opening(b"s-0")) == "ping"

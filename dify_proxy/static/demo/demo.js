@@ -2,7 +2,8 @@
 //   EventSource polyfill: GET /api/chat?message=...; it reconnects by itself after the stream
 //     ends, sending ?lastEventId=...; the proxy answers that with 204, which ends it for good.
 //   fetch-event-source: POST /api/chat with a JSON body; a retry carries Last-Event-ID and gets
-//     204 too. Comment-only blocks (": keep-alive") reach onmessage with empty data: skipped.
+//     204 too. Keep-alives are Dify's own `event: ping` blocks: they reach onmessage with
+//     event "ping" and empty data, and are skipped.
 // Answer text is only ever set through textContent, never parsed as HTML.
 import { fetchEventSource } from "../vendor/fetch-event-source/index.js";
 
@@ -179,7 +180,8 @@ function viaFetch(run, body, auth) {
       throw new Fatal(await errorMessage(response)); // 4xx/5xx: the JSON error's message
     },
     onmessage(message) {
-      if (message.data) handle(run, JSON.parse(message.data)); // "" = a comment-only block
+      if (message.event === "ping" || !message.data) return; // a keep-alive
+      handle(run, JSON.parse(message.data));
     },
     onerror(error) {
       if (error instanceof Finished || error instanceof Fatal || retries >= 2) throw error;
