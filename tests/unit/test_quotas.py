@@ -1,7 +1,9 @@
 """Stream leases and token budgets without Redis, and when Redis cannot be reached."""
 
 import logging
+import socket
 import time
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -294,3 +296,132 @@ def test_after_a_redis_failure_counts_stay_local_until_the_retry_interval_passes
         assert len(client.keys("*")) == 1
     finally:
         server.stop()
+
+
+# --- what the last survivors of mutation testing showed --------------------------------------
+
+
+def test_without_redis_check_redis_reports_ready():
+    assert local().check_redis() is True
+
+
+def test_releasing_a_lease_of_a_user_with_none_left_is_harmless():
+    quotas = local(max_streams=1)
+    lease = quotas.acquire_stream("u")
+    quotas.release_stream("u", lease)
+    quotas.release_stream("u", lease)
+    quotas.release_stream("nobody", lease)
+    assert quotas.acquire_stream("u") is not None
+
+
+def test_a_user_whose_last_local_lease_is_released_is_forgotten():
+    """One entry per user ever seen would grow without bound in a long-running worker."""
+    quotas = local(max_streams=2)
+    leases = [quotas.acquire_stream(f"user-{n}") for n in range(3)]
+    for n, lease in enumerate(leases):
+        quotas.release_stream(f"user-{n}", lease)
+    assert quotas._local_leases == {}
+
+
+def test_a_budget_of_one_token_is_enforced():
+    quotas = local(budget=1)
+    assert not quotas.over_budget("u")
+    quotas.add_tokens("u", 1)
+    assert quotas.over_budget("u")
+
+
+class FakeDatetime:
+    """`datetime.now(tz)` for the token day; only a UTC-aware call is expected."""
+
+    now_utc = datetime(2026, 3, 1, 0, 0, tzinfo=UTC)
+
+    @classmethod
+    def now(cls, tz=None):
+        assert tz is UTC, "the token day is the UTC day"
+        return cls.now_utc
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+def test_a_token_budget_covers_one_utc_day_from_midnight_to_midnight(monkeypatch, store, request):
+    monkeypatch.setattr(quotas_module, "datetime", FakeDatetime)
+    quotas = (
+        local(budget=10)
+        if store == "local"
+        else shared(request.getfixturevalue("redis_url"), budget=10)
+    )
+    FakeDatetime.now_utc = datetime(2026, 3, 1, 0, 0, tzinfo=UTC)
+    quotas.add_tokens("u", 6)
+    FakeDatetime.now_utc = datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC)
+    quotas.add_tokens("u", 4)
+    assert quotas.over_budget("u")
+    FakeDatetime.now_utc = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)
+    assert quotas.tokens_used("u") == 0
+
+
+def test_a_user_with_no_tokens_in_redis_has_used_none(redis_url):
+    assert shared(redis_url, budget=10).tokens_used("new-user") == 0
+
+
+def test_a_hanging_redis_costs_one_timeout_then_counts_go_local():
+    """A Redis that accepts connections and never answers must not hold a chat request."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        host, port = silent.getsockname()
+        quotas = Quotas(
+            f"redis://{host}:{port}/0", max_streams=1, lease_seconds=60, daily_token_budget=0
+        )
+        assert quotas.acquire_stream("u") is not None
+        assert quotas.redis_error == "TimeoutError"
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        "check_redis",
+        "acquire_stream",
+        "renew_stream",
+        "release_stream",
+        "tokens_used",
+        "add_tokens",
+    ],
+)
+def test_every_redis_operation_that_fails_records_why_for_readyz(monkeypatch, operation):
+    monkeypatch.setattr(quotas_module, "REDIS_RETRY_SECONDS", 0)
+    server = RedisServer()
+    server.start()
+    quotas = shared(server.url, max_streams=2, budget=10)
+    lease = quotas.acquire_stream("u")
+    assert lease is not None and quotas.redis_error is None
+    server.stop()
+    calls = {
+        "check_redis": lambda: quotas.check_redis(),
+        "acquire_stream": lambda: quotas.acquire_stream("u"),
+        "renew_stream": lambda: quotas.renew_stream("u", lease),
+        "release_stream": lambda: quotas.release_stream("u", lease),
+        "tokens_used": lambda: quotas.tokens_used("u"),
+        "add_tokens": lambda: quotas.add_tokens("u", 1),
+    }
+    calls[operation]()
+    assert quotas.redis_error == "ConnectionError"
+
+
+def test_the_redis_error_log_line_names_the_error(unreachable, caplog):
+    with caplog.at_level(logging.ERROR, logger="dify_proxy.quotas"):
+        unreachable.acquire_stream("u")
+    assert "(ConnectionError)" in caplog.records[0].getMessage()
+
+
+def test_a_redis_that_stays_down_is_logged_again_after_each_interval(
+    unreachable, caplog, monkeypatch
+):
+    monkeypatch.setattr(quotas_module, "REDIS_RETRY_SECONDS", 0)
+    now = [5000.0]
+    monkeypatch.setattr(quotas_module.time, "monotonic", lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="dify_proxy.quotas"):
+        unreachable.acquire_stream("u")
+        now[0] += quotas_module.ERROR_LOG_INTERVAL_SECONDS - 0.5
+        unreachable.acquire_stream("u")
+        now[0] += 0.5
+        unreachable.acquire_stream("u")
+    assert len(caplog.records) == 2
