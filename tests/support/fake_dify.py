@@ -21,6 +21,9 @@ _DROP = object()  # cut the connection mid-body
 
 
 class FakeDify:
+    """One script for every connection: a piece goes to whichever open stream takes it next,
+    so a test with two streams sends only while one of them is open."""
+
     def __init__(self) -> None:
         self._pieces: queue.Queue = queue.Queue()
         self.hung_up = threading.Event()  # the proxy closed its side of the connection
