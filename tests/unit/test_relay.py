@@ -19,6 +19,7 @@ from dify_proxy import relay as relay_module
 from dify_proxy import sse
 from dify_proxy.relay import StreamStats, drain, relay
 from tests.support.fake_dify import FakeDify
+from tests.support.messages import is_a_sentence
 
 TASK = "c3800678-a077-43df-a102-53f23ed20b88"
 CONVERSATION = "45701982-8118-4bc5-8e9b-64562b4555f2"
@@ -432,3 +433,70 @@ def test_a_burst_of_reads_goes_out_in_fewer_writes_than_reads(dify, monkeypatch)
     writes = [w for w in stream if w]
     assert b"".join(writes) == HELLO * 50 + END
     assert len(writes) < 51
+
+
+# --- framing across reads, and what does not come from Dify's stream ------------------------
+
+
+def test_an_event_whose_blank_line_is_split_across_reads_still_ends_the_answer(dify):
+    """The blank line's first `\n` ends one read, its second starts the next: the reader must
+    still see HELLO and END as two events, or it would miss `message_end`."""
+    stream = Stream(dify)
+    dify.send(HELLO[:-1], pause=0.02)
+    dify.send(HELLO[-1:] + END)
+    dify.end()
+    assert stream.read_all() == HELLO + END
+    assert stream.stats.end == "completed"
+    assert stream.stats.events == 2
+
+
+def test_a_large_event_in_many_reads_is_scanned_a_bounded_number_of_times(dify, monkeypatch):
+    scanned = []
+    real = sse._EVENT_END
+
+    class CountingPattern:
+        def finditer(self, buffer, pos=0):
+            scanned.append(len(buffer) - pos)
+            return real.finditer(buffer, pos)
+
+    monkeypatch.setattr(sse, "_EVENT_END", CountingPattern())
+    big = dify_event("message", answer="x" * 500_000)
+    stream = Stream(dify)
+    dify.send(*(big[i : i + 8192] for i in range(0, len(big), 8192)))
+    dify.send(END)
+    dify.end()
+    assert stream.read_all() == big + END
+    assert sum(scanned) < 2 * (len(big) + len(END))
+
+
+def test_without_ids_the_final_error_event_has_no_id_line(dify):
+    stream = Stream(dify)
+    dify.send(HELLO)
+    dify.drop()
+    body = stream.read_all()
+    assert b"id:" not in body
+    assert final_event(body)["code"] == "upstream_dropped"
+
+
+def test_with_ids_the_timeout_error_event_carries_the_next_id(dify):
+    stream = Stream(dify, ids=True, read_timeout=0.3)
+    dify.send(HELLO)
+    events = sse.cut_events(stream.read_all())[0]
+    assert events[-1].endswith(b"id: " + stream.stats.stream_id + b"-2\n\n")
+
+
+def test_the_timeout_error_event_says_why_in_a_sentence(dify):
+    stream = Stream(dify, read_timeout=0.3)
+    message = final_event(stream.read_all())["message"]
+    assert is_a_sentence(message) and "incomplete" in message
+
+
+@pytest.mark.parametrize("bad", [123, "", None, ["t"]])
+def test_a_task_id_that_is_not_a_non_empty_string_is_never_sent_to_stop(dify, bad):
+    stream = Stream(dify)
+    dify.send(dify_event("message", task_id=bad, conversation_id=bad, answer="x"))
+    dify.drop()
+    error = final_event(stream.read_all())
+    assert stream.stats.task_id is None
+    assert error["conversation_id"] is None
+    assert not stream.stop_called.wait(0.1)
