@@ -9,6 +9,8 @@ however it ended, nothing of it is left registered (`drain()` finds no open stre
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -232,6 +234,7 @@ def test_a_dify_that_stops_before_message_end_gets_the_client_a_502_error_event(
     assert (error["status"], error["code"]) == (502, "upstream_dropped")
     assert (error["conversation_id"], error["message_id"]) == (CONVERSATION, MESSAGE)
     assert stream.stats.end == "upstream_dropped"
+    assert is_a_sentence(error["message"])
     assert stream.ended == [stream.stats]
 
 
@@ -342,6 +345,7 @@ def test_drain_ends_every_open_stream_with_a_503_restarting_event(dify):
             "server_restarting",
         )
         assert stream.stats.end == "server_restarting"
+        assert is_a_sentence(error["message"]) and "restarting" in error["message"]
     assert first.stop_called.wait(5)
     assert first.stopped == [TASK]
     assert dify.hung_up.wait(10)
@@ -500,3 +504,36 @@ def test_a_task_id_that_is_not_a_non_empty_string_is_never_sent_to_stop(dify, ba
     assert stream.stats.task_id is None
     assert error["conversation_id"] is None
     assert not stream.stop_called.wait(0.1)
+
+
+def test_a_broken_dify_stream_is_logged_with_the_errors_name(dify, caplog):
+    stream = Stream(dify)
+    dify.send(HELLO)
+    with caplog.at_level(logging.INFO, logger="dify_proxy.relay"):
+        dify.drop()
+        stream.read_all()
+    (record,) = [r for r in caplog.records if r.name == "dify_proxy.relay"]
+    assert record.levelno == logging.INFO
+    assert re.fullmatch(r"dify stream broke: [A-Z]\w+Error", record.getMessage())
+
+
+def test_the_relays_threads_never_keep_a_stopping_worker_alive(dify):
+    """A reader blocked on Dify, or a stop call that hangs, must not delay the process's exit."""
+    before = set(threading.enumerate())
+    release_stop = threading.Event()
+    body = relay(
+        dify.open(),
+        heartbeat_interval=30,
+        stop=lambda task_id: release_stop.wait(5),
+        stats=StreamStats(),
+    )
+    dify.send(HELLO)
+    got = b""
+    while HELLO not in got:
+        got += next(body)
+    reading = set(threading.enumerate()) - before  # the reader
+    body.close()  # the client left: a stop call starts, and hangs
+    stopping = set(threading.enumerate()) - before - reading
+    release_stop.set()
+    assert reading and stopping
+    assert all(thread.daemon for thread in reading | stopping)
