@@ -6,14 +6,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 from datetime import UTC, datetime
 
 import pytest
 import requests
+from prometheus_client import REGISTRY
 
 from dify_proxy import chat, create_app
 from tests.conftest import DIFY_URL
 from tests.support import tokens
+from tests.support.messages import is_a_sentence
 
 CHAT = f"{DIFY_URL}/chat-messages"
 USAGE_7 = {"usage": {"total_tokens": 7}}
@@ -139,6 +142,7 @@ def test_a_user_over_the_budget_gets_429_until_utc_midnight(
         (datetime(2026, 3, 1, 23, 59, 0, tzinfo=UTC), 60),
         (datetime(2026, 3, 1, 0, 0, 0, tzinfo=UTC), 86400),
         (datetime(2026, 3, 1, 23, 59, 59, 900000, tzinfo=UTC), 1),
+        (datetime(2026, 3, 1, 0, 0, 0, 500000, tzinfo=UTC), 86399),
     ],
 )
 def test_seconds_to_midnight_are_counted_in_utc_and_never_zero(monkeypatch, now, seconds):
@@ -152,28 +156,42 @@ def test_seconds_to_midnight_are_counted_in_utc_and_never_zero(monkeypatch, now,
     assert chat._seconds_to_midnight_utc() == seconds
 
 
-def test_a_long_stream_renews_its_lease_every_third_of_a_lease(
-    settings, auth, requests_mock, monkeypatch
-):
-    """Dify's two events arrive 21 s apart on a fake clock: with 60 s leases, a write after
-    20 s or more renews the lease (once or twice, as the reads happen to batch)."""
+def renewals_when_events_arrive_every(seconds, settings, auth, requests_mock, monkeypatch):
+    """Relay STREAM with 60 s leases while a fake clock moves `seconds` per network read;
+    return the leases renewed."""
     app = create_app(dataclasses.replace(settings, stream_lease_seconds=60))
     quotas = app.extensions["dify_proxy.quotas"]
-    renewals = []
-    monkeypatch.setattr(quotas, "renew_stream", lambda user, lease: renewals.append(user))
+    renewed = []
+    monkeypatch.setattr(quotas, "renew_stream", lambda user, lease: renewed.append((user, lease)))
     now = [1000.0]
     monkeypatch.setattr(chat.time, "monotonic", lambda: now[0])
 
     def body():
         for event in STREAM.split(b"\n\n")[:-1]:
-            now[0] += 21
+            now[0] += seconds
             yield event + b"\n\n"
 
     requests_mock.post(CHAT, body=_Chunks(body()), headers=EVENT_STREAM)
-    client = app.test_client()
-    response = client.post("/api/chat", json={"message": "hi"}, headers=auth)
+    response = app.test_client().post("/api/chat", json={"message": "hi"}, headers=auth)
     assert response.get_data() == STREAM
-    assert renewals in ([tokens.USER_ID], [tokens.USER_ID] * 2)
+    return renewed
+
+
+def test_a_long_stream_renews_its_lease_every_third_of_a_lease(
+    settings, auth, requests_mock, monkeypatch
+):
+    """Events 21 s apart: past a third of the 60 s lease, a write renews it (once or twice, as
+    the reads happen to batch)."""
+    renewed = renewals_when_events_arrive_every(21, settings, auth, requests_mock, monkeypatch)
+    assert len(renewed) in (1, 2)
+    assert all(user == tokens.USER_ID and isinstance(lease, str) for user, lease in renewed)
+
+
+def test_a_stream_shorter_than_a_third_of_a_lease_is_not_renewed(
+    settings, auth, requests_mock, monkeypatch
+):
+    renewed = renewals_when_events_arrive_every(8, settings, auth, requests_mock, monkeypatch)
+    assert renewed == []
 
 
 class _Chunks:
@@ -202,3 +220,133 @@ def test_a_streaming_request_sends_dify_streaming_mode(client, auth, requests_mo
     chat_mock = requests_mock.post(CHAT, content=STREAM, headers=EVENT_STREAM)
     ask(client, auth)
     assert json.loads(chat_mock.last_request.body)["response_mode"] == "streaming"
+
+
+# --- what operators see: metrics and the stop call ------------------------------------------
+
+
+def sample(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_refusals_are_counted_by_the_limit_that_refused(client, auth, requests_mock, quotas):
+    requests_mock.post(CHAT, json={"answer": "Hi"})
+    streams, tokens_before = (
+        sample("dify_proxy_rate_limited_total", limit="streams"),
+        sample("dify_proxy_rate_limited_total", limit="tokens"),
+    )
+    lease = quotas.acquire_stream(tokens.USER_ID)
+    ask(client, auth, "blocking")
+    quotas.release_stream(tokens.USER_ID, lease)
+    quotas.add_tokens(tokens.USER_ID, 10)
+    ask(client, auth, "blocking")
+    assert sample("dify_proxy_rate_limited_total", limit="streams") == streams + 1
+    assert sample("dify_proxy_rate_limited_total", limit="tokens") == tokens_before + 1
+
+
+@pytest.mark.parametrize(
+    ("body", "end", "upstream_error"),
+    [
+        (STREAM, "completed", None),
+        (STREAM.split(b"\n\n")[0] + b"\n\n", "upstream_dropped", "stream_upstream_dropped"),
+        (
+            b'data: {"event":"error","status":400,"code":"x","message":"m"}\n\n',
+            "upstream_error",
+            "stream_upstream_error",
+        ),
+    ],
+    ids=["completed", "dropped", "dify's error event"],
+)
+def test_each_stream_end_is_counted_by_reason_and_failures_as_upstream_errors(
+    client, auth, requests_mock, body, end, upstream_error
+):
+    requests_mock.post(CHAT, content=body, headers=EVENT_STREAM)
+    requests_mock.post(f"{CHAT}/t/stop", json={"result": "success"})
+    ends = sample("dify_proxy_stream_ends_total", reason=end)
+    errors = {
+        kind: sample("dify_proxy_upstream_errors_total", kind=kind)
+        for kind in ("stream_upstream_dropped", "stream_upstream_error", "stream_timeout")
+    }
+    durations = sample("dify_proxy_stream_duration_seconds_count")
+    ask(client, auth)
+    assert sample("dify_proxy_stream_ends_total", reason=end) == ends + 1
+    for kind, before in errors.items():
+        wanted = before + 1 if kind == upstream_error else before
+        assert sample("dify_proxy_upstream_errors_total", kind=kind) == wanted
+    assert sample("dify_proxy_stream_duration_seconds_count") == durations + 1
+
+
+def test_stream_durations_and_first_byte_times_are_positive_and_short(client, auth, requests_mock):
+    requests_mock.post(CHAT, content=STREAM, headers=EVENT_STREAM)
+    sums = {
+        name: sample(f"{name}_sum")
+        for name in ("dify_proxy_stream_duration_seconds", "dify_proxy_time_to_first_byte_seconds")
+    }
+    ask(client, auth)
+    for name, before in sums.items():
+        assert 0 <= sample(f"{name}_sum") - before < 60  # an in-process stream, not an epoch
+
+
+def test_a_dropped_stream_asks_dify_to_stop_as_the_same_user_and_request(
+    client, auth, requests_mock
+):
+    requests_mock.post(CHAT, content=STREAM.split(b"\n\n")[0] + b"\n\n", headers=EVENT_STREAM)
+    stopped = threading.Event()
+    stop = requests_mock.post(
+        f"{CHAT}/t/stop",
+        json={"result": "success"},
+        additional_matcher=lambda r: stopped.set() or True,
+    )
+    response = ask(client, auth)
+    assert stopped.wait(5)
+    assert stop.last_request.json() == {"user": tokens.USER_ID}
+    assert stop.last_request.headers["X-Request-ID"] == response.headers["X-Request-ID"]
+
+
+# --- smaller rules -------------------------------------------------------------------------
+
+
+def test_the_refusal_and_failure_messages_are_sentences(client, auth, requests_mock, quotas):
+    requests_mock.post(CHAT, text="<html>not json</html>")
+    assert is_a_sentence(ask(client, auth, "blocking").json["message"])
+    lease = quotas.acquire_stream(tokens.USER_ID)
+    assert is_a_sentence(ask(client, auth, "blocking").json["message"])
+    quotas.release_stream(tokens.USER_ID, lease)
+    quotas.add_tokens(tokens.USER_ID, 10)
+    assert is_a_sentence(ask(client, auth, "blocking").json["message"])
+    response = client.post("/api/chat", data="message=hi", headers=auth)
+    assert response.status_code == 415 and is_a_sentence(response.json["message"])
+
+
+def test_an_empty_conversation_id_starts_a_new_conversation(client, auth, requests_mock):
+    """Dify's own web app sends `conversation_id: ""` for a first question."""
+    chat_mock = requests_mock.post(CHAT, json={"answer": "Hi"})
+    response = client.post(
+        "/api/chat",
+        json={"message": "hi", "conversation_id": "", "response_mode": "blocking"},
+        headers=auth,
+    )
+    assert response.status_code == 200
+    assert "conversation_id" not in chat_mock.last_request.json()
+
+
+def test_refusing_event_streams_with_q_0_is_not_asking_for_ids(client, auth, requests_mock):
+    requests_mock.post(CHAT, content=STREAM, headers=EVENT_STREAM)
+    response = client.post(
+        "/api/chat",
+        json={"message": "hi"},
+        headers={**auth, "Accept": "application/json, text/event-stream;q=0"},
+    )
+    assert response.get_data() == STREAM
+
+
+def test_a_single_token_counts(client, auth, requests_mock, quotas):
+    requests_mock.post(CHAT, json={"answer": "Hi", "metadata": {"usage": {"total_tokens": 1}}})
+    ask(client, auth, "blocking")
+    assert quotas.tokens_used(tokens.USER_ID) == 1
+
+
+def test_a_bad_inputs_query_parameter_is_a_400_naming_inputs(client, auth, requests_mock):
+    response = client.get("/api/chat?message=hi&inputs=%7Bnope", headers=auth)
+    assert response.status_code == 400
+    assert response.json["message"].startswith("inputs must be a JSON object")
