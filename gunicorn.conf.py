@@ -38,16 +38,30 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
 # Open connections per worker: each open stream is one (plus its connection to Dify).
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "5000"))
 backlog = 4096
+# Heroku's router takes request lines up to 8 KB; gunicorn's default (4094 bytes) would refuse,
+# with a 414 page, a GET /api/chat (event-source-polyfill) whose question fits the router.
+# 8190 is gunicorn's maximum; header fields keep its default, 8190 bytes, also the router's.
+limit_request_line = 8190
 # Heroku's router keeps idle client connections 90 s and needs some byte every 55 s on a
 # response: streams send keep-alives (HEARTBEAT_INTERVAL), and between requests a short
 # keep-alive frees the slot.
 keepalive = 5
 # For gevent workers `timeout` only bounds a blocked event loop, not a request's length.
 timeout = 30
-# A deploy's SIGTERM: open streams get a final "server restarting" error event at once (see
-# post_worker_init), then the worker waits up to this long for them to finish closing.
-# Heroku sends SIGKILL 30 s after SIGTERM.
-graceful_timeout = 20
+# A deploy's SIGTERM (Heroku sends it to every process of the dyno, and SIGKILL 30 s later):
+# each worker stops taking new questions (a 503 with Retry-After), lets the answers it is
+# streaming finish until a deadline, `graceful_timeout` minus a margin, and ends what is still
+# running then with a final "server_restarting" event. Then gunicorn waits for the streams to
+# close, up to graceful_timeout, before it kills anything.
+graceful_timeout = 25
+
+
+def drain_deadline(graceful: float) -> float:
+    """Seconds after SIGTERM at which answers still running are ended: time for the final
+    event to be written and the worker to exit before gunicorn's (and the host's) kill."""
+    return max(0.0, graceful - min(3.0, graceful * 0.2))
+
+
 accesslog = None  # the app writes its own request line, without query strings
 # gunicorn 25+ opens a control socket at a fixed path in $HOME: not needed on a platform, and
 # two instances on one machine (tests, benchmarks) would fight over it.
@@ -64,25 +78,61 @@ else:
     shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
+# Answers are recorded for resumes in a spool directory that every worker shares: a reconnect
+# lands on whichever worker accepts it. A fresh one per start unless RESUME_SPOOL_DIR names one.
+_own_spool_dir = not os.environ.get("RESUME_SPOOL_DIR")
+if _own_spool_dir:
+    os.environ["RESUME_SPOOL_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-answers-")
+
 
 def post_worker_init(worker):
-    """On SIGTERM, end this worker's open streams with a final error event saying the server is
-    restarting (a browser can then ask again), instead of a silent cut when the graceful
-    timeout runs out. The handler runs in gevent's loop, so it only spawns the work."""
+    """On SIGTERM, drain this worker's answers (see graceful_timeout above) instead of a silent
+    cut when the graceful timeout runs out. The handler runs in gevent's loop, so it only
+    spawns the work; a second SIGTERM (the master's, after the host's) changes nothing."""
     import signal
 
     import gevent
 
-    from dify_proxy.relay import drain
+    from dify_proxy.answers import flush_all
+    from dify_proxy.relay import ServerRestarting, drain
 
     stop_accepting = worker.handle_exit
+    deadline = drain_deadline(worker.cfg.graceful_timeout)
+    started = []
+
+    def drain_and_report():
+        import logging
+
+        from dify_proxy import metrics
+
+        counts = drain(
+            deadline, interrupt=lambda greenlet: greenlet.kill(ServerRestarting, block=False)
+        )
+        flush_all()  # the records a client resumes from on another instance
+        for outcome, count in counts.items():
+            metrics.DRAIN.labels(outcome).inc(count)
+        logging.getLogger("dify_proxy.drain").info(
+            "drained", extra={"fields": {"deadline_s": deadline, **counts}}
+        )
+        stop_accepting(signal.SIGTERM, None)  # now gunicorn closes the listener and exits
 
     def handle_exit(sig, frame):
-        stop_accepting(sig, frame)
-        gevent.spawn(drain)
+        # Keep accepting while draining: a new question then gets a 503 it can act on at once,
+        # where a closed listener would leave it waiting in the backlog until the master exits.
+        if not started:
+            started.append(gevent.spawn(drain_and_report))
+            worker.dify_proxy_drain = started[0]
 
     worker.handle_exit = handle_exit
     signal.signal(signal.SIGTERM, handle_exit)
+
+
+def worker_exit(server, worker):
+    """gunicorn stops waiting once no request is open, but an answer whose client left may
+    still be running for a resume (RESUME_GRACE): the drain sees those through too."""
+    drain = getattr(worker, "dify_proxy_drain", None)
+    if drain is not None:
+        drain.join(timeout=worker.cfg.graceful_timeout)
 
 
 def child_exit(server, worker):
@@ -97,3 +147,5 @@ def child_exit(server, worker):
 def on_exit(server):
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    if _own_spool_dir:
+        shutil.rmtree(os.environ["RESUME_SPOOL_DIR"], ignore_errors=True)

@@ -8,7 +8,8 @@ imports live inside `create_app`, as flaskr's blueprint imports do.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import tempfile
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings, load_settings
 
@@ -24,7 +25,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, chat, errors, limits, metrics, requestlog
+    from . import api, chat, errors, limits, metrics, relay, requestlog
+    from .answers import Answers
     from .auth import Verifier
     from .dify import Dify
     from .quotas import Quotas
@@ -44,6 +46,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         max_streams=settings.max_streams_per_user,
         lease_seconds=settings.stream_lease_seconds,
         daily_token_budget=settings.daily_token_budget,
+    )
+    app.extensions["dify_proxy.answers"] = Answers(
+        settings.resume_spool_dir or tempfile.mkdtemp(prefix="dify-proxy-answers-"),
+        window=settings.resume_window,
+        max_bytes=settings.resume_max_bytes,
+        redis_client=quotas.redis,
+        on_redis_error=quotas.redis_failed,
+        redis_usable=quotas.redis_usable,
     )
     limits.init_app(app, settings)
 
@@ -77,13 +87,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> dict[str, object]:
+    def readyz() -> Any:
         """Readiness: configuration (checked at start) and Redis; never Dify.
 
         A Redis outage is reported but still ready: chat keeps working on per-process limits,
         and taking every instance out of rotation because a shared Redis is down would turn a
-        degraded service into no service.
+        degraded service into no service. A worker that is draining for a restart is not
+        ready: it takes no new questions.
         """
+        if relay.draining():
+            return {"status": "draining", "checks": {"config": "ok"}}, 503
         redis_state = "not configured"
         if settings.redis_url:
             redis_state = "ok" if quotas.check_redis() else "unavailable"

@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import greenlet
 import requests
 from flask import Blueprint, Response, current_app, g, request
 
 from . import metrics
+from .answers import Answers, parse_event_id
 from .auth import require_session
 from .dify import Dify
 from .errors import ApiError
 from .limits import per_user
 from .quotas import Quotas
-from .relay import StreamStats, relay
+from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
+from .resume import follow
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 32_000
 RESPONSE_MODES = ("streaming", "blocking")
@@ -116,8 +121,13 @@ def query_body() -> dict[str, Any]:
 
 def is_reconnect() -> bool:
     """EventSource clients reconnect on their own and send back the last event id they saw;
-    answering such a request would make Dify answer, and bill, the same question twice."""
+    answering such a request would make Dify answer, and bill, the same question twice. It
+    resumes the answer instead (or gets a 204), and is no new question for the limits."""
     return "Last-Event-ID" in request.headers or "lastEventId" in request.args
+
+
+def last_event_id() -> str:
+    return request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or ""
 
 
 def wants_ids() -> bool:
@@ -139,7 +149,7 @@ def wants_ids() -> bool:
 @per_user(exempt_when=is_reconnect)
 def chat() -> Response:
     if is_reconnect():
-        return Response(status=204)
+        return resume(last_event_id())
     return answer(chat_payload(read_json_object(), g.user_id))
 
 
@@ -148,7 +158,7 @@ def chat() -> Response:
 @per_user(exempt_when=is_reconnect)
 def chat_from_query() -> Response:
     if is_reconnect():
-        return Response(status=204)
+        return resume(last_event_id())
     return answer(chat_payload(query_body(), g.user_id))
 
 
@@ -158,6 +168,9 @@ def answer(payload: dict[str, Any]) -> Response:
     quotas: Quotas = current_app.extensions["dify_proxy.quotas"]
     dify: Dify = current_app.extensions["dify_proxy.dify"]
     user = g.user_id
+    if draining():
+        metrics.DRAIN.labels("refused").inc()
+        raise _restarting()
     if quotas.over_budget(user):
         metrics.RATE_LIMITED.labels("tokens").inc()
         raise ApiError(
@@ -177,11 +190,17 @@ def answer(payload: dict[str, Any]) -> Response:
             {"Retry-After": "5"},
         )
     streaming = payload["response_mode"] == "streaming"
+    done_waiting = waiting_for_dify(greenlet.getcurrent())
     try:
         upstream = dify.chat(payload, stream=streaming)
+    except ServerRestarting:
+        quotas.release_stream(user, lease)
+        raise _restarting() from None
     except BaseException:
         quotas.release_stream(user, lease)
         raise
+    finally:
+        done_waiting()
     if not streaming or not _is_event_stream(upstream):
         with upstream:
             quotas.release_stream(user, lease)
@@ -213,8 +232,12 @@ def answer(payload: dict[str, Any]) -> Response:
             metrics.TIME_TO_FIRST_BYTE.observe(stats.first_event - stats.started)
         if stats.end in ("upstream_dropped", "timeout", "upstream_error"):
             metrics.UPSTREAM_ERRORS.labels(f"stream_{stats.end}").inc()
+        if stats.answer_end == "abandoned":
+            metrics.ANSWERS_ABANDONED.inc()
+            log.info("answer abandoned", extra={"fields": {"stream": stats.stream_id.decode()}})
 
     stats = g.stream_stats = StreamStats(started=g.started)
+    answers: Answers = current_app.extensions["dify_proxy.answers"]
     metrics.OPEN_STREAMS.inc()
     body = relay(
         upstream,
@@ -222,6 +245,8 @@ def answer(payload: dict[str, Any]) -> Response:
         stop=functools.partial(dify.stop, user=user, request_id=g.get("request_id")),
         stats=stats,
         ids=wants_ids(),
+        recorder=answers.record(stats.stream_id.decode(), user),
+        grace=settings.resume_grace,
         on_tick=renew_lease,
         on_end=finish,
     )
@@ -230,6 +255,56 @@ def answer(payload: dict[str, Any]) -> Response:
         status=200,
         content_type="text/event-stream; charset=utf-8",
         headers=STREAM_HEADERS,
+    )
+
+
+def resume(event_id: str) -> Response:
+    """Replay an answer after `event_id`, then follow it live, then end it as it ended.
+
+    An unknown, expired, too long or someone else's answer gets the same 204 a finished one
+    used to get: the client stops, and nothing tells it whether the id exists.
+    """
+    settings = current_app.config["SETTINGS"]
+    answers: Answers = current_app.extensions["dify_proxy.answers"]
+    parsed = parse_event_id(event_id)
+    source = answers.find(parsed[0], g.user_id) if parsed else None
+    if parsed is None or source is None:
+        return Response(status=204)
+    stream_id, after = parsed
+    stats = g.stream_stats = StreamStats(started=g.started, stream_id=stream_id.encode())
+    body = follow(
+        source,
+        stream_id,
+        after,
+        heartbeat_interval=settings.heartbeat_interval,
+        give_up_after=settings.dify_read_timeout + 2 * settings.heartbeat_interval,
+        stats=stats,
+        mark_seen=functools.partial(answers.mark_seen, stream_id),
+    )
+    if body is None:
+        return Response(status=204)
+    metrics.RESUMES.inc()
+    metrics.REPLAYED_EVENTS.inc(stats.replayed or 0)
+    log.info(
+        "answer resumed",
+        extra={"fields": {"stream": stream_id, "after": after, "replayed": stats.replayed}},
+    )
+    return Response(
+        body,
+        status=200,
+        content_type="text/event-stream; charset=utf-8",
+        headers=STREAM_HEADERS,
+    )
+
+
+def _restarting() -> ApiError:
+    """A new question on a worker that is stopping: a clear 503 before any streaming, which
+    the client (or the router) retries on an instance that stays."""
+    return ApiError(
+        503,
+        "server_restarting",
+        "The server is restarting; ask again in a moment.",
+        {"Retry-After": "1"},
     )
 
 

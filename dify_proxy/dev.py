@@ -1,9 +1,11 @@
 """The README's run command: the real proxy under gunicorn, exactly as the Procfile starts it.
 
-With DIFY_API_KEY set (environment or `.env`) it runs against that Dify. Without it, a newcomer
-still sees tokens stream: the local Dify stand-in is started on a free port, the proxy is pointed
-at it with a throwaway key and JWT secret, and a `curl` with a valid short-lived dev token is
-printed. Nothing here is used in production.
+With DIFY_API_KEY set (environment or `.env`) it runs against that Dify. Without it, or while
+it is still .env.example's placeholder, a newcomer still sees tokens stream: the local Dify
+stand-in is started on a free port, the proxy is pointed at it with a throwaway key and JWT
+secret, and a `curl` with a valid short-lived dev token is printed. Either way it first prints
+which of the two it is doing, the Dify URL, how sessions are checked and where /demo is, so that
+`cp .env.example .env` never switches modes silently. Nothing here is used in production.
 """
 
 from __future__ import annotations
@@ -15,9 +17,14 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import jwt
 from dotenv import load_dotenv
+
+from .settings import ConfigError, Settings, load_settings
+from .variables import VARIABLES
 
 DEV_USER_ID = "00000000-0000-4000-8000-000000000001"
 DEV_TOKEN_SECONDS = 3600
@@ -56,30 +63,112 @@ def gunicorn_command() -> list[str]:
     return [sys.executable, "-m", "gunicorn", "app:app", "--config", "gunicorn.conf.py"]
 
 
+PLACEHOLDER = "your-"  # every placeholder in .env.example contains it
+
+
+def placeholders(environ: Mapping[str, str]) -> list[str]:
+    """Variables still holding their placeholder from .env.example (`cp .env.example .env`)."""
+    return [
+        v.name
+        for v in VARIABLES
+        if v.example and PLACEHOLDER in v.example and environ.get(v.name, "").strip() == v.example
+    ]
+
+
+def shown_url(url: str) -> str:
+    """The URL without user, password, query or fragment: nothing secret is printed."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def auth_mode(settings: Settings) -> str:
+    modes = []
+    if settings.supabase_jwt_secret:
+        modes.append("HS256 tokens with SUPABASE_JWT_SECRET")
+    if settings.jwks_url:
+        modes.append(f"ES256/RS256 tokens with the JWKS at {shown_url(settings.jwks_url)}")
+    return " and ".join(modes)
+
+
+def demo_line(settings: Settings, base: str) -> str:
+    from . import demo  # demo imports this module for its dev tokens
+
+    if not settings.enable_demo:
+        return "off (ENABLE_DEMO=1 turns it on)"
+    if not demo.packages_installed():
+        return "off: its browser packages are missing (scripts/setup installs them; needs npm)"
+    return f"{base}/demo"
+
+
+def banner(settings: Settings, port: str, standin_reason: str | None, ignored: list[str]) -> str:
+    """What the run command is about to do, in a few lines (never a key or a secret)."""
+    base = f"http://127.0.0.1:{port}"
+    if standin_reason:
+        mode = f"the local Dify stand-in ({standin_reason})"
+    else:
+        mode = "real Dify (DIFY_API_KEY is set)"
+    lines = [
+        f"dify-proxy on {base}",
+        f"  mode:  {mode}",
+        f"  Dify:  {shown_url(settings.dify_api_url)}",
+        f"  auth:  {auth_mode(settings)}",
+        f"  demo:  {demo_line(settings, base)}",
+    ]
+    if ignored:
+        lines.append(f"  .env:  still placeholders, ignored for this run: {', '.join(ignored)}")
+    return "\n".join(lines)
+
+
+def _settings_or_exit(standin: subprocess.Popen | None = None) -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        if standin is not None:
+            standin.terminate()
+        sys.exit(f"dify-proxy: configuration error: {exc}")
+
+
 def main() -> None:
     load_dotenv(override=False)
-    if os.environ.get("DIFY_API_KEY", "").strip():
+    port = os.environ.setdefault("PORT", "8000")
+    stale = placeholders(os.environ)
+    if os.environ.get("DIFY_API_KEY", "").strip() and "DIFY_API_KEY" not in stale:
+        if stale:
+            sys.exit(
+                f"dify-proxy: .env still has placeholders from .env.example: {', '.join(stale)}."
+                " Put in your project's values, or delete the lines you do not use."
+            )
+        print(banner(_settings_or_exit(), port, None, []), flush=True)
         os.execv(sys.executable, gunicorn_command())
 
+    if "DIFY_API_KEY" in stale:
+        reason = "DIFY_API_KEY in .env is still the placeholder from .env.example"
+    else:
+        reason = "no DIFY_API_KEY is set"
+    # An empty value, not a missing one: gunicorn's own read of .env must not bring them back.
+    os.environ.update(dict.fromkeys(stale, ""))
     key = f"app-standin-{secrets.token_hex(12)}"
     standin, url = start_standin(key)
     os.environ.update(DIFY_API_URL=url, DIFY_API_KEY=key, ENABLE_DEMO="1", DEV_TOKENS="1")
-    os.environ.setdefault("SUPABASE_JWT_SECRET", secrets.token_urlsafe(32))
-    port = os.environ.setdefault("PORT", "8000")
+    if not os.environ.get("SUPABASE_JWT_SECRET", "").strip():
+        os.environ["SUPABASE_JWT_SECRET"] = secrets.token_urlsafe(32)
     token = mint_dev_token(os.environ["SUPABASE_JWT_SECRET"])
+    settings = _settings_or_exit(standin)
+    ignored = [name for name in stale if name != "DIFY_API_KEY"]
     print(
-        f"""
-No DIFY_API_KEY set: running against the local Dify stand-in at {url}.
-Put DIFY_API_KEY and SUPABASE_JWT_SECRET (or SUPABASE_URL) in .env to use your real Dify app.
+        f"""{banner(settings, port, reason, ignored)}
 
-Try it (the dev token is valid for an hour):
+To use your real Dify app, put its DIFY_API_KEY and your project's SUPABASE_JWT_SECRET (or
+SUPABASE_URL) in .env (see .env.example). Try it (the dev token is valid for an hour):
 
   curl -N http://127.0.0.1:{port}/api/chat \\
     -H 'Authorization: Bearer {token}' \\
     -H 'Content-Type: application/json' \\
     -d '{{"message": "Hello there"}}'
-
-Or chat in a browser: http://127.0.0.1:{port}/demo
 """,
         flush=True,
     )

@@ -41,6 +41,18 @@ STREAM_DURATION = Histogram(
 STREAM_ENDS = Counter("dify_proxy_stream_ends_total", "How streams ended", ["reason"])
 UPSTREAM_ERRORS = Counter("dify_proxy_upstream_errors_total", "Failures talking to Dify", ["kind"])
 TOKENS = Counter("dify_proxy_tokens_total", "Model tokens used, from Dify's usage reports")
+RESUMES = Counter("dify_proxy_resumes_total", "Answers picked up again after a reconnect")
+REPLAYED_EVENTS = Counter("dify_proxy_replayed_events_total", "Events sent again on resumes")
+ANSWERS_ABANDONED = Counter(
+    "dify_proxy_answers_abandoned_total",
+    "Answers stopped because no client came back within RESUME_GRACE",
+)
+DRAIN = Counter(
+    "dify_proxy_drain_answers_total",
+    "Answers during a restart's drain: finished, ended_at_deadline, interrupted (still waiting "
+    "for Dify at the deadline), refused (new questions after the worker was told to stop)",
+    ["outcome"],
+)
 RATE_LIMITED = Counter(
     "dify_proxy_rate_limited_total", "Requests refused by a per-user limit", ["limit"]
 )

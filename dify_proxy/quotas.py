@@ -77,6 +77,14 @@ class Quotas:
             return None
         return self.redis
 
+    def redis_usable(self) -> bool:
+        """Whether Redis is configured and not in its back-off after a failure."""
+        return self._redis() is not None
+
+    def redis_failed(self, exc: Exception) -> None:
+        """Another user of the same Redis (the answer records) saw it fail."""
+        self._failed(exc)
+
     def _failed(self, exc: Exception) -> None:
         now = time.monotonic()
         self._retry_at = now + REDIS_RETRY_SECONDS

@@ -28,12 +28,18 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from . import sse
+from .answers import Recorder
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
 YIELD_EVERY_SECONDS = 0.005
-_open: dict[queue.Queue, tuple[StreamStats, bool]] = {}  # streams relayed now, and their `ids`
+SEEN_EVERY_SECONDS = 1.0  # how often a resumed client tells the answer it is still reading
+_open: dict[queue.Queue, _Answer] = {}  # every answer still running or still being read
+_done_lock = threading.Lock()
+_draining = threading.Event()
+_waiting: set[Any] = set()  # requests waiting for Dify's response head
+RECONNECT_AFTER_MS = 1000  # the `retry:` hint on a restart's final event
 TERMINAL_EVENTS = frozenset({"message_end", "error"})
 
 
@@ -52,12 +58,31 @@ class StreamStats:
     conversation_id: str | None = None
     message_id: str | None = None
     usage: dict[str, Any] | None = None
+    answer_end: str = "running"  # how the answer ended, which may be after the client left
+    replayed: int | None = None  # on a resume: events sent again from the record
 
 
 @dataclass(frozen=True)
 class _End:
     reason: str
     final: bytes = b""
+
+
+@dataclass
+class _Answer:
+    """One answer being read from Dify, shared by its reader, its client and its linger."""
+
+    upstream: requests.Response
+    stats: StreamStats
+    ids: bool
+    recorder: Recorder | None
+    handoff: queue.Queue = field(default_factory=queue.Queue)
+    attached: bool = True  # the original client is still reading
+    ending: tuple[str, int, str, str] | None = None  # an ending imposed from outside (drain)
+    reason: str = "running"  # how the answer (not the client's stream) ended
+    reader: threading.Thread | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    done: int = 0  # reader and client: on_end runs when both are through
 
 
 def relay(
@@ -67,26 +92,31 @@ def relay(
     stop: Callable[[str], None],
     stats: StreamStats,
     ids: bool = False,
+    recorder: Recorder | None = None,
+    grace: float = 0.0,
     on_tick: Callable[[], None] = lambda: None,
     on_end: Callable[[StreamStats], None] = lambda stats: None,
 ) -> Iterator[bytes]:
     """Yield the client's bytes: the response head at once, then Dify's events unchanged.
 
     With `ids`, the first write is a ping carrying the stream's first id, and every data event
-    carries its own. `on_tick` runs at least once per heartbeat interval while the stream is
-    open (to renew a lease); `on_end` runs once when it closes, however it ended.
+    carries its own. With a `recorder`, every event is also recorded for resumes, and a client
+    that leaves mid-answer leaves Dify running for `grace` seconds, so that a reconnect gets
+    the whole answer. `on_tick` runs at least once per heartbeat interval while the answer runs
+    (to renew a lease); `on_end` runs once when both the answer and the client's stream are
+    over, however they ended.
     """
-    handoff: queue.Queue[bytes | _End] = queue.Queue()
-    reader = threading.Thread(target=_read, args=(upstream, handoff, stats, ids), daemon=True)
-    _open[handoff] = (stats, ids)
+    answer = _Answer(upstream, stats, ids, recorder)
+    answer.reader = threading.Thread(target=_read, args=(answer, stop, on_end), daemon=True)
+    _open[answer.handoff] = answer
     try:
         # An empty write sends the response head now (gunicorn flushes it before the body), so
         # a browser or a router sees the stream open before Dify's first event.
         yield sse.opening(_event_id(stats, 0)) if ids else b""
-        reader.start()
+        answer.reader.start()
         while True:
             try:
-                item = handoff.get(timeout=heartbeat_interval)
+                item = answer.handoff.get(timeout=heartbeat_interval)
             except queue.Empty:
                 on_tick()
                 yield sse.PING
@@ -97,7 +127,7 @@ def relay(
             while isinstance(item, bytes):
                 ready.append(item)
                 try:
-                    item = handoff.get_nowait()
+                    item = answer.handoff.get_nowait()
                 except queue.Empty:
                     item = None
             if ready:
@@ -116,48 +146,143 @@ def relay(
         stats.end = "client_gone"
         raise
     finally:
-        _open.pop(handoff, None)
-        if reader.is_alive():
-            _hang_up(upstream)  # the reader owns the response and closes it on its way out
-        else:
+        answer.attached = False
+        if answer.reader.is_alive():
+            threading.Thread(target=_linger, args=(answer, grace, on_tick), daemon=True).start()
+        elif answer.reader.ident is None:  # never started: the client left at once
             upstream.close()
-        if stats.task_id and stats.end not in ("completed", "upstream_error"):
-            threading.Thread(target=stop, args=(stats.task_id,), daemon=True).start()
-        on_end(stats)
+            answer.finished.set()
+            _done(answer, on_end)
+        _done(answer, on_end)
 
 
-def drain() -> int:
-    """End every open stream with a final error event saying the server is restarting.
+def _done(answer: _Answer, on_end: Callable[[StreamStats], None]) -> None:
+    """Called once by the reader and once by the client's stream; the second runs `on_end`."""
+    with _done_lock:
+        answer.done += 1
+        last = answer.done == 2
+    if last:
+        _open.pop(answer.handoff, None)
+        on_end(answer.stats)
 
-    Called when a worker is told to stop (a deploy's SIGTERM), so browsers see why the answer
-    ended and can ask again, instead of a silent cut when the graceful timeout runs out.
+
+def _linger(answer: _Answer, grace: float, on_tick: Callable[[], None]) -> None:
+    """After the client left mid-answer: keep reading Dify while a reconnect may still come.
+
+    The grace starts when the client left and again whenever a resumed client shows it is
+    reading. Once it runs out, Dify's connection is closed, which ends the reader, and the
+    reader asks Dify to stop. Dify's task id comes with its first event, so until then the
+    reader reads on (within the read timeout): a stop call needs the id.
     """
-    streams = list(_open.items())
-    for handoff, (stats, ids) in streams:
-        handoff.put(
-            _upstream_failed(
-                stats,
-                ids,
-                "server_restarting",
-                503,
-                "server_restarting",
-                "The server is restarting; the answer is incomplete. Please ask again.",
-            )
+    recorder = answer.recorder
+    deadline = time.monotonic() + (grace if recorder is not None else 0.0)
+    while not answer.finished.is_set():
+        if recorder is not None:
+            seen = recorder.seen_at()
+            if seen:
+                # A resumed client shows itself every SEEN_EVERY seconds; a few missed marks,
+                # not one late one, mean it has gone too.
+                keep = max(grace, 3 * SEEN_EVERY_SECONDS)
+                deadline = max(deadline, time.monotonic() - (time.time() - seen) + keep)
+        if time.monotonic() >= deadline and answer.stats.task_id:
+            answer.reason = "abandoned"
+            _hang_up(answer.upstream)
+            return
+        on_tick()
+        answer.finished.wait(min(0.5, max(0.05, deadline - time.monotonic())))
+
+
+class ServerRestarting(BaseException):
+    """Thrown into a request still waiting for Dify's response head when the drain deadline
+    comes. A BaseException, like GreenletExit, so that no library's `except Exception` on the
+    way up can swallow it."""
+
+
+def draining() -> bool:
+    """Whether this worker has been told to stop: new questions then get a 503 at once."""
+    return _draining.is_set()
+
+
+def waiting_for_dify(handle: Any) -> Callable[[], None]:
+    """Register a request that waits for Dify's response head (its greenlet); returns the
+    call that unregisters it. The drain interrupts those still waiting at its deadline."""
+    _waiting.add(handle)
+    return lambda: _waiting.discard(handle)
+
+
+def drain(
+    deadline: float, interrupt: Callable[[Any], None] = lambda handle: None
+) -> dict[str, int]:
+    """Let open answers finish for `deadline` seconds, then end the rest with a final error
+    event saying the server is restarting (recorded, so a client can resume elsewhere).
+
+    Called when a worker is told to stop (a deploy's SIGTERM). Most answers finish within a few
+    seconds, and a cut answer is one that somebody asks, and pays for, again. Requests still
+    waiting for Dify's first byte at the deadline are interrupted with `interrupt`, which
+    turns them into a 503 before any streaming. Returns how many answers finished, were
+    ended at the deadline, or were interrupted before streaming.
+    """
+    _draining.set()
+    until = time.monotonic() + deadline
+    running = [answer for answer in _open.values() if not answer.finished.is_set()]
+    while time.monotonic() < until:
+        if not _waiting and all(answer.finished.is_set() for answer in list(_open.values())):
+            break
+        time.sleep(0.1)
+    ended = [answer for answer in _open.values() if not answer.finished.is_set()]
+    for answer in ended:
+        answer.ending = (
+            "server_restarting",
+            503,
+            "server_restarting",
+            "The server is restarting; the answer is incomplete. Reconnect to get what was "
+            "recorded, or ask again.",
         )
-    return len(streams)
+        _hang_up(answer.upstream)
+    interrupted = list(_waiting)
+    for handle in interrupted:
+        interrupt(handle)
+    for answer in ended:
+        answer.finished.wait(2.0)
+    return {
+        "finished": sum(1 for answer in running if answer not in ended),
+        "ended_at_deadline": len(ended),
+        "interrupted": len(interrupted),
+    }
 
 
-def _read(upstream: requests.Response, handoff: queue.Queue, stats: StreamStats, ids: bool) -> None:
-    """Frame Dify's bytes into whole events and hand them over, one batch per network read."""
-    try:
-        _read_events(upstream, handoff, stats, ids)
-    finally:
-        upstream.close()
-
-
-def _read_events(
-    upstream: requests.Response, handoff: queue.Queue, stats: StreamStats, ids: bool
+def _read(
+    answer: _Answer, stop: Callable[[str], None], on_end: Callable[[StreamStats], None]
 ) -> None:
+    """Frame Dify's bytes into whole events, record them, and hand them to the client."""
+    stats = answer.stats
+    try:
+        end = _read_events(answer)
+    finally:
+        answer.upstream.close()
+    if end.final:
+        stats_seq = stats.events
+        if answer.recorder is not None:
+            answer.recorder.events([("e", stats_seq, end.final)])
+        if answer.ids:
+            final = sse.with_id(end.final, _event_id(stats, stats_seq))
+            if end.reason == "server_restarting":  # come back soon, to whichever instance
+                final = sse.with_retry(final, RECONNECT_AFTER_MS)
+            end = _End(end.reason, final)
+    if answer.recorder is not None:
+        answer.recorder.end(end.reason)
+    if answer.attached:
+        answer.handoff.put(end)
+    answer.reason = stats.answer_end = end.reason
+    answer.finished.set()
+    _done(answer, on_end)
+    if stats.task_id and end.reason not in ("completed", "upstream_error"):
+        stop(stats.task_id)  # last: a slow Dify must not hold up the stream's ending
+
+
+def _read_events(answer: _Answer) -> _End:
+    """Read until Dify's stream ends; the ending to give the client (its final event unframed)."""
+    upstream, stats, ids, recorder = answer.upstream, answer.stats, answer.ids, answer.recorder
     pending = b""
     terminal: str | None = None
     yielded_at = 0.0
@@ -171,6 +296,7 @@ def _read_events(
             if not events:
                 continue
             out = []
+            records: list[tuple[Any, ...]] = []
             for event in events:
                 if sse.is_data_event(event):
                     stats.events += 1
@@ -179,10 +305,17 @@ def _read_events(
                         _note_ids(stats, sse.event_data(event))
                     if kind in TERMINAL_EVENTS:
                         terminal = kind
+                    if recorder is not None:
+                        records.append(("e", stats.events, event))
                     if ids:
                         event = sse.with_id(event, _event_id(stats, stats.events))
+                elif recorder is not None:
+                    records.append(("p",))
                 out.append(event)  # Dify's pings, and anything else, exactly as sent
-            handoff.put(b"".join(out))
+            if records:
+                recorder.events(records)
+            if answer.attached:
+                answer.handoff.put(b"".join(out))
             # While Dify sends faster than we read, the socket never blocks, and a greenlet
             # only switches when it blocks: without this the writer would wait for the whole
             # burst. Every few milliseconds, not every read, so bursts still go out in big writes.
@@ -191,36 +324,31 @@ def _read_events(
                 time.sleep(0)
                 yielded_at = now
     except Exception as exc:  # noqa: BLE001 -- a silent Dify, a reset, a broken chunk, our close
-        if stats.end != "running":  # we closed it: the generator has already finished
-            return
-        if isinstance(exc, ReadTimeoutError):
-            handoff.put(
-                _upstream_failed(
+        if answer.ending is None and answer.reason != "abandoned":
+            if isinstance(exc, ReadTimeoutError):
+                return upstream_failed(
                     stats,
-                    ids,
                     "timeout",
                     504,
                     "upstream_timeout",
                     "The chat service went silent; the answer is incomplete.",
                 )
-            )
-            return
-        log.info("dify stream broke: %s", type(exc).__name__)
+            log.info("dify stream broke: %s", type(exc).__name__)
+    if answer.ending is not None:
+        return upstream_failed(stats, *answer.ending)
+    if answer.reason == "abandoned":
+        return _End("abandoned")
     if terminal == "message_end":
-        handoff.put(_End("completed"))
-    elif terminal == "error":
-        handoff.put(_End("upstream_error"))
-    else:
-        handoff.put(
-            _upstream_failed(
-                stats,
-                ids,
-                "upstream_dropped",
-                502,
-                "upstream_dropped",
-                "The chat service closed the stream early; the answer is incomplete.",
-            )
-        )
+        return _End("completed")
+    if terminal == "error":
+        return _End("upstream_error")
+    return upstream_failed(
+        stats,
+        "upstream_dropped",
+        502,
+        "upstream_dropped",
+        "The chat service closed the stream early; the answer is incomplete.",
+    )
 
 
 def _note_ids(stats: StreamStats, data: Any) -> None:
@@ -242,27 +370,27 @@ def _event_id(stats: StreamStats, seq: int) -> bytes:
     return b"%b-%d" % (stats.stream_id, seq)
 
 
-def _upstream_failed(
-    stats: StreamStats, ids: bool, reason: str, status: int, code: str, message: str
-) -> _End:
+def upstream_failed(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:
     """End the client's stream the way Dify ends a failed one: a final `error` data event.
 
     Its status is the truthful one (502, 503, 504), not the 400 that Dify's own web template
     looks for: a front end detects the failure by the `error` event type (see the README).
     """
     stats.events += 1
-    event = sse.data_event(
-        {
-            "event": "error",
-            "conversation_id": stats.conversation_id,
-            "message_id": stats.message_id,
-            "created_at": int(time.time()),
-            "status": status,
-            "code": code,
-            "message": message,
-        }
+    return _End(
+        reason,
+        sse.data_event(
+            {
+                "event": "error",
+                "conversation_id": stats.conversation_id,
+                "message_id": stats.message_id,
+                "created_at": int(time.time()),
+                "status": status,
+                "code": code,
+                "message": message,
+            }
+        ),
     )
-    return _End(reason, sse.with_id(event, _event_id(stats, stats.events)) if ids else event)
 
 
 def _hang_up(upstream: requests.Response) -> None:

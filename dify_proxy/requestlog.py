@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -75,6 +76,7 @@ def _finish(response: Response) -> Response:
         "path": request.path,
         "status": response.status_code,
         "user": g.get("user_id"),
+        "pid": os.getpid(),  # which worker: a resume may land on another one
     }
     started = g.get("started", time.perf_counter())
     stats = g.get("stream_stats")
@@ -88,6 +90,9 @@ def _finish(response: Response) -> Response:
             )
             fields["bytes"] = stats.bytes
             fields["events"] = stats.events
+            if stats.replayed is not None:
+                fields["resumed"] = True
+                fields["replayed"] = stats.replayed
         metrics.REQUESTS.labels(route, fields["method"], fields["status"]).inc()
         access_log.info("request", extra={"fields": fields, "request_id": request_id})
 

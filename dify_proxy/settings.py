@@ -48,6 +48,10 @@ class Settings:
     stream_lease_seconds: float = 60.0
     daily_token_budget: int = 0
     metrics_token: str | None = None
+    resume_window: float = 300.0
+    resume_max_bytes: int = 4 * 1024 * 1024
+    resume_grace: float = 20.0
+    resume_spool_dir: str | None = None
 
     def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
         return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
@@ -214,6 +218,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         stream_lease_seconds=_seconds(env, "STREAM_LEASE_SECONDS", Settings.stream_lease_seconds),
         daily_token_budget=_count(env, "DAILY_TOKEN_BUDGET", 0),
         metrics_token=_text(env, "METRICS_TOKEN"),
+        resume_window=_seconds(env, "RESUME_WINDOW", Settings.resume_window),
+        resume_max_bytes=_byte_count(env, "RESUME_MAX_BYTES", Settings.resume_max_bytes),
+        resume_grace=_seconds(env, "RESUME_GRACE", Settings.resume_grace, zero_ok=True),
+        resume_spool_dir=_text(env, "RESUME_SPOOL_DIR"),
     )
 
 

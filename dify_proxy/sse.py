@@ -87,6 +87,13 @@ def with_id(event: bytes, event_id: bytes) -> bytes:
     return event[:-end] + b"id: " + event_id + b"\n" + event[-end:]
 
 
+def with_retry(event: bytes, milliseconds: int) -> bytes:
+    """The event with a `retry:` line added last, which sets how soon an EventSource
+    reconnects (with the event's id, to whichever instance answers)."""
+    end = 2 if event.endswith(b"\r\n") else 1
+    return event[:-end] + b"retry: %d\n" % milliseconds + event[-end:]
+
+
 def opening(event_id: bytes) -> bytes:
     """What an id-using client gets first: a ping carrying the stream's first id.
 

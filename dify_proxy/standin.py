@@ -128,6 +128,9 @@ class _Knobs:
         # event), `replay_delay` seconds apart, with one `replay_stall`-second silence before
         # piece `replay_stall_at` (to let keep-alives fire mid-answer).
         self.replay: str | None = _opt(raw, "replay", str, None)
+        # Or the name of a recording stored with `PUT /_standin/recordings/<name>`, for clients
+        # that can only GET, whose whole question must fit in a URL.
+        self.replay_recording: str | None = _opt(raw, "replay_recording", str, None)
         pieces = raw.get("replay_pieces", [])
         if not isinstance(pieces, list) or not all(
             isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in pieces
@@ -528,6 +531,7 @@ class StandIn:
         self.tasks: dict[str, _Task] = {}
         self.conversations: dict[str, dict[str, Any]] = {}  # by id; each has its "user"
         self.messages: dict[str, dict[str, Any]] = {}
+        self.recordings: dict[str, str] = {}  # by name, for the replay_recording knob
         self._seq = itertools.count()  # orders records created within the same second
         self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -632,7 +636,7 @@ class StandIn:
             await self._send(conn, e.status, e.body(), keep=False)
             return False
         if path != "/v1" and not path.startswith("/v1/"):
-            return await self._inspect(conn, method, path, keep)
+            return await self._inspect(conn, method, path, body, keep)
         auth = headers.get("authorization")
         scheme, _, token = (auth or "").partition(" ")
         auth_ok = scheme.lower() == "bearer" and hmac.compare_digest(
@@ -671,9 +675,13 @@ class StandIn:
         except _HTTPError as e:
             return await self._reply(conn, rec, e.status, e.body(), keep and not e.close)
 
-    async def _inspect(self, conn: _Conn, method: str, path: str, keep: bool) -> bool:
-        """Test-only routes (no auth): what the stand-in saw, so tests can assert on the proxy."""
-        if (method, path) == ("GET", "/_standin/calls"):
+    async def _inspect(self, conn: _Conn, method: str, path: str, body: bytes, keep: bool) -> bool:
+        """Test-only routes (no auth): what the stand-in saw, so tests can assert on the proxy;
+        and recordings to replay, stored by name."""
+        if method == "PUT" and path.startswith("/_standin/recordings/"):
+            self.recordings[path.removeprefix("/_standin/recordings/")] = body.decode()
+            body = b'{"result":"success"}'
+        elif (method, path) == ("GET", "/_standin/calls"):
             body = _dumps(self.calls)
         elif (method, path) == ("POST", "/_standin/reset"):
             self.calls.clear()
@@ -954,6 +962,10 @@ class StandIn:
         if known is not None and known["_user"] != user:
             raise _HTTPError(404, "not_found", "Conversation Not Exists.")
         knobs = _Knobs(inputs.get("_standin"))
+        if knobs.replay_recording is not None:
+            knobs.replay = self.recordings.get(knobs.replay_recording)
+            if knobs.replay is None:
+                raise _bad(f"no recording named {knobs.replay_recording!r}")
         streaming = req.get("response_mode") == "streaming"
         task = _Task(conversation_id, user, rec, streaming and knobs.status is None)
         rec["task_id"] = task.task_id

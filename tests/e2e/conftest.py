@@ -18,11 +18,13 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from dify_proxy import demo
 from tests.support import processes, tokens
+from tests.support.cuttable_link import CuttableLink, cuttable_link
 from tests.support.standin_client import StandIn
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,6 +43,9 @@ AUTH_COOKIE = "sb-e2etest-auth-token"
 POLYFILL = "polyfill"  # the page's transport switch values
 FETCH = "fetch"
 WAIT_MS = 15_000
+# How long the proxy keeps reading Dify for a client that left mid-answer: longer than any cut or
+# reload in the tests takes to come back (the clients' reconnects wait 1 s, then 2, 4, 8).
+RESUME_GRACE = 30
 
 
 @dataclass
@@ -104,6 +109,7 @@ def proxy(standin, origin_ports, tmp_path_factory) -> Iterator[Proxy]:
         # Every test asks as the same user; the limits have tests of their own.
         "RATE_LIMIT": "10000/minute",
         "MAX_STREAMS_PER_USER": "100",
+        "RESUME_GRACE": str(RESUME_GRACE),
     }
     process, url = processes.start_proxy(env, log_path)
     yield Proxy(url, log_path)
@@ -147,10 +153,21 @@ def origins(origin_ports, proxy, tmp_path_factory) -> Iterator[Origins]:
         server.server_close()
 
 
+@pytest.fixture
+def link(proxy) -> Iterator[CuttableLink]:
+    """The proxy behind a TCP relay that drops every open connection on `link.cut()`."""
+    with cuttable_link(int(proxy.url.rsplit(":", 1)[1])) as link:
+        yield link
+
+
 @pytest.fixture(scope="package")
 def browser():
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/setup --dev", pytrace=False)
+        pytest.fail(
+            f"{CHROMIUM} is missing, and the browser tests drive it: as root run"
+            " scripts/setup --dev, or apt-get install --no-install-recommends chromium",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     playwright = sync_playwright().start()
@@ -196,6 +213,11 @@ class DemoPage:
         self.page.wait_for_selector("body[data-ready]")
         return self
 
+    def reload(self):
+        self.page.reload()
+        self.page.wait_for_selector("body[data-ready]")
+        return self
+
     def use_token(self, token: str) -> None:
         self.page.fill("#token", token)
 
@@ -206,6 +228,16 @@ class DemoPage:
 
     def answer(self) -> str:
         return self.page.text_content("#transcript .turn:last-child .answer") or ""
+
+    def turns(self) -> list[tuple[str, str]]:
+        """Every question on the page with its answer, in order."""
+        return [
+            (
+                turn.locator(".question").text_content() or "",
+                turn.locator(".answer").text_content() or "",
+            )
+            for turn in self.page.locator("#transcript .turn").all()
+        ]
 
     def status(self) -> tuple[str, str]:
         element = self.page.locator("#status")
@@ -244,6 +276,17 @@ class DemoPage:
             for r in self.requests
             if r.url.split("?")[0].endswith("/api/chat") and method in (None, r.method)
         ]
+
+    def resumes(self) -> list[tuple[Any, str]]:
+        """The chat requests that named an event id (the polyfill's `lastEventId` query
+        parameter, fetch-event-source's `Last-Event-ID` header), each with that id."""
+        found = []
+        for request in self.chat_requests():
+            query = parse_qs(urlsplit(request.url).query)
+            event_id = request.headers.get("last-event-id") or query.get("lastEventId", [""])[0]
+            if event_id:
+                found.append((request, event_id))
+        return found
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from tests.support import processes, tokens
+from tests.support.redis_server import RedisServer
 from tests.support.standin_client import StandIn
 
 DIFY_KEY = "app-integration-secret-key-3f9a7c21d4e8"
@@ -56,6 +57,8 @@ def proxy(standin, tmp_path_factory) -> Iterator[Proxy]:
         # The suite asks many questions as one user; the limits have tests of their own.
         "RATE_LIMIT": "10000/minute",
         "MAX_STREAMS_PER_USER": "100",
+        # A gone client's answer stops at once, as before resumes (they have tests of their own).
+        "RESUME_GRACE": "0",
     }
     process, url = processes.start_proxy(env, log_path)
     yield Proxy(url, log_path)
@@ -66,6 +69,45 @@ def proxy(standin, tmp_path_factory) -> Iterator[Proxy]:
 def _fresh_call_log(request):
     if "standin" in request.fixturenames:
         request.getfixturevalue("standin").reset()
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_proxy(standin, tmp_path):
+    """Start proxies (instances) with extra environment; all stopped after the test."""
+    started = []
+
+    def start(**env: str) -> Proxy:
+        log_path = tmp_path / f"gunicorn-{len(started)}.log"
+        process, url = processes.start_proxy(
+            {
+                "DIFY_API_KEY": DIFY_KEY,
+                "DIFY_API_URL": standin.url,
+                "SUPABASE_JWT_SECRET": tokens.SECRET,
+                "HEARTBEAT_INTERVAL": "0.5",
+                "WEB_CONCURRENCY": "2",
+                "LOG_LEVEL": "DEBUG",
+                # A closed stream frees its slot at once (resumes have tests of their own).
+                "RESUME_GRACE": "0",
+                **env,
+            },
+            log_path,
+        )
+        started.append(process)
+        proxy = Proxy(url, log_path)
+        proxy.process = process
+        return proxy
+
+    yield start
+    for process in started:
+        processes.stop(process)
 
 
 def scenario(**knobs) -> dict:

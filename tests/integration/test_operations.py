@@ -8,50 +8,11 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 
-from tests.integration.conftest import DIFY_KEY, Proxy, scenario
+from tests.integration.conftest import Proxy, scenario
 from tests.support import processes, tokens
-from tests.support.redis_server import RedisServer
 from tests.support.sse_client import read_stream
-
-
-@pytest.fixture
-def redis_server():
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def start_proxy(standin, tmp_path):
-    """Start proxies (instances) with extra environment; all stopped after the test."""
-    started = []
-
-    def start(**env: str) -> Proxy:
-        log_path = tmp_path / f"gunicorn-{len(started)}.log"
-        process, url = processes.start_proxy(
-            {
-                "DIFY_API_KEY": DIFY_KEY,
-                "DIFY_API_URL": standin.url,
-                "SUPABASE_JWT_SECRET": tokens.SECRET,
-                "HEARTBEAT_INTERVAL": "0.5",
-                "WEB_CONCURRENCY": "2",
-                "LOG_LEVEL": "DEBUG",
-                **env,
-            },
-            log_path,
-        )
-        started.append(process)
-        proxy = Proxy(url, log_path)
-        proxy.process = process
-        return proxy
-
-    yield start
-    for process in started:
-        processes.stop(process)
 
 
 def user(n: int) -> str:

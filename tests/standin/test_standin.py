@@ -387,3 +387,17 @@ def test_replay_pieces_must_be_positive_sizes(base: str) -> None:
     with send(base, {"replay": RECORDED, "replay_pieces": [3, 0]}) as sock:
         status, _ = read_head(sock.makefile("rb"))
     assert status == 400
+
+
+def test_a_stored_recording_replays_by_name_so_a_get_url_stays_short(base: str) -> None:
+    root = base.removesuffix("/v1")
+    requests.put(f"{root}/_standin/recordings/short", data=RECORDED.encode(), timeout=5)
+    with send(base, {"replay_recording": "short", "replay_pieces": [4]}) as sock:
+        got = stream(sock)
+    assert b"".join(got) == RECORDED.encode()
+
+
+def test_an_unknown_recording_name_is_a_400(base: str) -> None:
+    with send(base, {"replay_recording": "never-stored"}) as sock:
+        status, _ = read_head(sock.makefile("rb"))
+    assert status == 400

@@ -110,18 +110,21 @@ def kill(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def run_command(port: int) -> Iterator[tuple[subprocess.Popen, str]]:
-    """The README's run command without a Dify key; yields it with everything it printed once
-    the proxy is up, and stops it (and its stand-in) afterwards."""
+def run_command(
+    port: int, root: Path = ROOT, env: dict[str, str] | None = None, last: str = "Hello there"
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The README's run command (by default without a Dify key) in `root`; yields it with
+    everything it printed up to the line containing `last` once the proxy is up, and stops it
+    (and its stand-in) afterwards."""
     env = {
         "PATH": os.environ["PATH"],
         "HOME": os.environ.get("HOME", "/tmp"),
         "PORT": str(port),
-        "DIFY_API_KEY": "",
+        **({"DIFY_API_KEY": ""} if env is None else env),
     }
     dev = subprocess.Popen(
         [sys.executable, "-m", "dify_proxy.dev"],
-        cwd=ROOT,
+        cwd=root,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -130,7 +133,7 @@ def run_command(port: int) -> Iterator[tuple[subprocess.Popen, str]]:
     )
     try:
         printed = ""
-        while "/demo" not in printed:  # the last thing it prints
+        while last not in printed:
             line = dev.stdout.readline()
             assert line, f"the run command stopped printing: {printed!r}"
             printed += line

@@ -15,7 +15,10 @@ class RedisServer:
     def __init__(self) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
-            raise RuntimeError("redis-server is not installed: run scripts/setup --dev")
+            raise RuntimeError(
+                "redis-server is not installed: as root run scripts/setup --dev, or"
+                " apt-get install --no-install-recommends redis-server"
+            )
         self.executable = executable
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"

@@ -43,7 +43,10 @@ class Received:
 
 
 def _without_id(event: bytes) -> bytes:
-    return b"\n".join(line for line in event.split(b"\n") if not line.startswith(b"id: "))
+    """The block without the proxy's `id:` and `retry:` lines."""
+    return b"\n".join(
+        line for line in event.split(b"\n") if not line.startswith((b"id: ", b"retry: "))
+    )
 
 
 def read_stream(

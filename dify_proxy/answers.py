@@ -1,0 +1,382 @@
+"""Every answer's events, kept for a while, so that a client that lost its connection (a mobile
+network, a sleeping laptop, a reloaded page) can pick the answer up where it left off.
+
+A reconnect lands on whichever worker accepts it, so the record cannot live in one process:
+- a spool directory on local disk serves every worker of one instance (always written: it is
+  cheap, and it is what a resume falls back on when Redis fails);
+- with `REDIS_URL`, a Redis stream per answer serves every instance: `XADD` with a length cap and
+  an expiry, and a blocking `XREAD` to follow an answer that is still streaming.
+
+A record is a sequence of items: `("o", owner)` first, then `("e", seq, event)` for each data
+event (Dify's bytes, without an id), `("p",)` for each ping (so that a follower can tell a silent
+Dify from a dead producer), `("t",)` once the answer outgrew `RESUME_MAX_BYTES`, and `("x",
+reason)` last. Writes to Redis are batched across every answer of the process by one flusher,
+so recording costs one round trip per batch, not per event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+Item = tuple[Any, ...]
+LAST_EVENT_ID = re.compile(r"([A-Za-z0-9_-]{22})-(\d{1,9})")
+POLL_SECONDS = 0.05  # how often a follower of the local spool looks for more
+BLOCK_MS = 300  # a follower's XREAD wait; under the Redis client's socket timeout
+SWEEP_EVERY_SECONDS = 60.0
+REDIS_PREFIX = "dify-proxy:answer:"
+
+
+def parse_event_id(value: str) -> tuple[str, int] | None:
+    """`<stream id>-<n>` from a Last-Event-ID, or None for anything else."""
+    match = LAST_EVENT_ID.fullmatch(value.strip())
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+class Recorder:
+    """The writing end of one answer's record."""
+
+    def __init__(self, answers: Answers, stream_id: str, owner: str) -> None:
+        self._answers = answers
+        self.stream_id = stream_id
+        self._path = answers.spool_path(stream_id)
+        self._bytes = 0
+        self.truncated = False
+        self._redis = answers.redis is not None
+        self._write([("o", owner)])
+
+    def events(self, items: list[Item]) -> None:
+        """Record a batch of events and pings; past the byte cap, only pings and the end."""
+        if self.truncated:
+            items = [item for item in items if item[0] != "e"]
+        else:
+            self._bytes += sum(len(item[2]) for item in items if item[0] == "e")
+            if self._bytes > self._answers.max_bytes:
+                self.truncated = True
+                items = [item for item in items if item[0] != "e"] + [("t",)]
+        if items:
+            self._write(items)
+
+    def end(self, reason: str) -> None:
+        self._write([("x", reason)])
+
+    def seen_at(self) -> float:
+        """When a resumed client last showed it is still reading (0 if none ever did)."""
+        return self._answers.seen_at(self.stream_id)
+
+    def _write(self, items: list[Item]) -> None:
+        data = b"".join(_encode(item) for item in items)
+        try:
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("answer spool write failed: %s", type(exc).__name__)
+        if self._redis:
+            self._answers.queue_redis(self.stream_id, items)
+
+
+_instances: list[Answers] = []
+
+
+def flush_all(timeout: float = 2.0) -> None:
+    """Send what every Answers of this process has queued for Redis (a worker about to exit)."""
+    for answers in _instances:
+        answers.flush_redis(timeout)
+
+
+class Answers:
+    """Where records live: the spool directory, and Redis when configured."""
+
+    def __init__(
+        self,
+        spool_dir: str,
+        window: float,
+        max_bytes: int,
+        redis_client: redis.Redis | None = None,
+        on_redis_error: Callable[[Exception], None] = lambda exc: None,
+        redis_usable: Callable[[], bool] = lambda: True,
+    ) -> None:
+        os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+        self.spool_dir = spool_dir
+        self.window = window
+        self.max_bytes = max_bytes
+        self.redis = redis_client
+        self._on_redis_error = on_redis_error
+        self._redis_usable = redis_usable
+        self._pending: queue.SimpleQueue[tuple[str, list[Item]]] = queue.SimpleQueue()
+        self._flusher: threading.Thread | None = None
+        self._swept_at = 0.0
+        self._lock = threading.Lock()
+        self._flushing = 0
+        # Answers with items that never reached Redis: False until a "t" marker was sent.
+        self._broken: dict[str, bool] = {}
+        _instances.append(self)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def record(self, stream_id: str, owner: str) -> Recorder:
+        self._sweep()
+        return Recorder(self, stream_id, owner)
+
+    def spool_path(self, stream_id: str) -> str:
+        return os.path.join(self.spool_dir, stream_id)
+
+    def queue_redis(self, stream_id: str, items: list[Item]) -> None:
+        if self._flusher is None:
+            with self._lock:
+                if self._flusher is None:
+                    self._flusher = threading.Thread(target=self._flush_forever, daemon=True)
+                    self._flusher.start()
+        self._pending.put((stream_id, items))
+
+    def _flush_forever(self) -> None:
+        while True:
+            batch = [self._pending.get()]
+            self._flushing = 1
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 2000:
+                    batch.append(self._pending.get_nowait())
+            try:
+                self._flush(batch)
+            finally:
+                self._flushing = 0
+
+    def _flush(self, batch: list[tuple[str, list[Item]]]) -> None:
+        assert self.redis is not None
+        if not self._redis_usable():
+            for stream_id, _ in batch:
+                self._broken.setdefault(stream_id, False)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        keys = set()
+        for stream_id, items in batch:
+            if stream_id in self._broken:
+                # Some of this answer never reached Redis: say so once, so that a resume from
+                # Redis gets the 204 instead of an answer with a hole in it.
+                if self._broken[stream_id]:
+                    if any(item[0] == "x" for item in items):
+                        del self._broken[stream_id]  # its end: nothing more will come
+                    continue
+                self._broken[stream_id] = True
+                items = [("t",)]
+            key = REDIS_PREFIX + stream_id
+            keys.add(key)
+            for item in items:
+                pipe.xadd(key, _fields(item), maxlen=max(1000, self.max_bytes // 64))
+        ttl = max(1, int(self.window))
+        for key in keys:
+            pipe.expire(key, ttl)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._on_redis_error(exc)
+            for stream_id, _ in batch:
+                self._broken.setdefault(stream_id, False)
+
+    def flush_redis(self, timeout: float = 2.0) -> None:
+        """Wait until what is queued for Redis has been sent (a worker about to exit)."""
+        deadline = time.monotonic() + timeout
+        while (self._flushing or not self._pending.empty()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    # -- attaching ---------------------------------------------------------------------------
+
+    def mark_seen(self, stream_id: str) -> None:
+        """A resumed client is reading: the producer's grace starts again from now."""
+        path = self.spool_path(stream_id) + ".seen"
+        with contextlib.suppress(OSError):
+            with open(path, "a"):
+                pass
+            os.utime(path)
+        if self.redis is not None and self._redis_usable():
+            try:
+                self.redis.set(REDIS_PREFIX + stream_id + ":seen", time.time(), ex=60)
+            except redis.RedisError as exc:
+                self._on_redis_error(exc)
+
+    def seen_at(self, stream_id: str) -> float:
+        seen = 0.0
+        with contextlib.suppress(OSError):
+            seen = os.stat(self.spool_path(stream_id) + ".seen").st_mtime
+        if self.redis is not None and self._redis_usable():
+            try:
+                value = self.redis.get(REDIS_PREFIX + stream_id + ":seen")
+                seen = max(seen, float(value or 0))
+            except (redis.RedisError, ValueError) as exc:
+                if isinstance(exc, redis.RedisError):
+                    self._on_redis_error(exc)
+        return seen
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def find(self, stream_id: str, owner: str) -> Source | None:
+        """The record of `owner`'s answer, or None: unknown, expired, someone else's, or too
+        long to resume. The caller answers all of these alike, so none reveals that an id
+        exists."""
+        source: Source | None = None
+        if os.path.exists(self.spool_path(stream_id)):
+            source = _SpoolSource(self, stream_id)
+        elif self.redis is not None and self._redis_usable():
+            source = _RedisSource(self, stream_id)
+        if source is None:
+            return None
+        try:
+            first = source.first()
+        except redis.RedisError as exc:
+            self._on_redis_error(exc)
+            return None
+        if first is None or first[0] != "o" or first[1] != owner or source.expired():
+            return None
+        return source
+
+    def _sweep(self) -> None:
+        """Delete spool files older than the window; at most once a minute per process."""
+        now = time.time()
+        if now - self._swept_at < SWEEP_EVERY_SECONDS:
+            return
+        self._swept_at = now
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.spool_dir):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime > self.window:
+                        os.unlink(entry.path)
+
+
+class Source:
+    """A record being read: the items after a given event, then live ones until the end."""
+
+    def first(self) -> Item | None:
+        raise NotImplementedError
+
+    def expired(self) -> bool:
+        raise NotImplementedError
+
+    def items(self, stop: Callable[[], bool]) -> Iterator[Item | None]:
+        """Every item in order; None whenever nothing new has come for a moment (so the
+        caller can send a keep-alive or give up). Ends after the `x` item."""
+        raise NotImplementedError
+
+
+class _SpoolSource(Source):
+    def __init__(self, answers: Answers, stream_id: str) -> None:
+        self.path = answers.spool_path(stream_id)
+        self.window = answers.window
+
+    def first(self) -> Item | None:
+        with open(self.path, "rb") as f:
+            items, _ = _decode(f.read(4096))
+        return items[0] if items else None
+
+    def expired(self) -> bool:
+        """Ended more than the window ago, or silent for that long (its worker died)."""
+        return time.time() - os.stat(self.path).st_mtime > self.window
+
+    def items(self, stop: Callable[[], bool]) -> Iterator[Item | None]:
+        with open(self.path, "rb") as f:
+            pending = b""
+            while not stop():
+                data = f.read()
+                if not data:
+                    yield None
+                    time.sleep(POLL_SECONDS)
+                    continue
+                items, pending = _decode(pending + data)
+                for item in items:
+                    yield item
+                    if item[0] == "x":
+                        return
+
+
+class _RedisSource(Source):
+    def __init__(self, answers: Answers, stream_id: str) -> None:
+        assert answers.redis is not None
+        self.redis = answers.redis
+        self.key = REDIS_PREFIX + stream_id
+
+    def first(self) -> Item | None:
+        entries = self.redis.xrange(self.key, count=1)
+        return _item(entries[0][1]) if entries else None
+
+    def expired(self) -> bool:
+        return False  # Redis expires the key itself
+
+    def items(self, stop: Callable[[], bool]) -> Iterator[Item | None]:
+        last = "0-0"
+        while not stop():
+            try:
+                found = self.redis.xread({self.key: last}, count=500, block=BLOCK_MS)
+            except redis.RedisError:
+                yield ("x", "resume_failed")
+                return
+            if not found:
+                yield None
+                continue
+            for entry_id, fields in found[0][1]:
+                last = entry_id
+                item = _item(fields)
+                yield item
+                if item[0] == "x":
+                    return
+
+
+def _encode(item: Item) -> bytes:
+    kind = item[0]
+    if kind == "e":
+        return b"e %d %d\n%b" % (item[1], len(item[2]), item[2])
+    if kind in ("o", "x"):
+        text = item[1].encode()
+        return b"%b 0 %d\n%b" % (kind.encode(), len(text), text)
+    return b"%b 0 0\n" % kind.encode()
+
+
+def _decode(data: bytes) -> tuple[list[Item], bytes]:
+    """Whole items from the front of `data`, and the unfinished rest."""
+    items: list[Item] = []
+    at = 0
+    while True:
+        head_end = data.find(b"\n", at)
+        if head_end < 0:
+            break
+        kind, seq, size = data[at:head_end].split(b" ")
+        body_end = head_end + 1 + int(size)
+        if body_end > len(data):
+            break
+        body = data[head_end + 1 : body_end]
+        items.append(_make(kind.decode(), int(seq), body))
+        at = body_end
+    return items, data[at:]
+
+
+def _make(kind: str, seq: int, body: bytes) -> Item:
+    if kind == "e":
+        return ("e", seq, body)
+    if kind in ("o", "x"):
+        return (kind, body.decode())
+    return (kind,)
+
+
+def _fields(item: Item) -> dict[str, Any]:
+    if item[0] == "e":
+        return {"k": "e", "s": item[1], "d": item[2]}
+    if item[0] in ("o", "x"):
+        return {"k": item[0], "d": item[1]}
+    return {"k": item[0]}
+
+
+def _item(fields: dict[bytes, bytes]) -> Item:
+    kind = fields[b"k"].decode()
+    return _make(kind, int(fields.get(b"s", 0)), fields.get(b"d", b""))

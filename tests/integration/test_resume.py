@@ -1,0 +1,280 @@
+"""Resumable answers: a client that lost its connection, or a reloaded page, reconnects with the
+last event id it saw and gets the rest of the answer, once, with Dify asked once. Real gunicorn,
+the stand-in, and a real redis-server where instances share the record."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import requests
+
+from tests.integration.conftest import scenario
+from tests.support import tokens
+from tests.support.sse_client import read_stream
+
+SSE = {"Accept": "text/event-stream"}
+SLOW = {"events": 12, "interval": 0.15, "text": "word "}  # about two seconds of answer
+ALICE = "5b1f0c2e-1111-4a6f-9d3e-0a1b2c3d4e5f"
+BOB = "6c2e1d3f-2222-4b7a-8e4f-1b2c3d4e5f60"
+
+
+def ask(proxy, knobs=SLOW, sub=ALICE, **headers):
+    return proxy.chat(scenario(**knobs), token=tokens.hs256(sub=sub), headers={**SSE, **headers})
+
+
+def cut(response) -> None:
+    """Drop the connection as a lost network does: no more bytes either way."""
+    response.raw._fp.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+    response.close()
+
+
+def resume(proxy, last_id, sub=ALICE, method="POST"):
+    headers = {"Authorization": f"Bearer {tokens.hs256(sub=sub)}", **SSE}
+    if method == "GET":
+        return requests.get(
+            f"{proxy.url}/api/chat",
+            params={"lastEventId": last_id},
+            headers=headers,
+            stream=True,
+            timeout=30,
+        )
+    headers["Last-Event-ID"] = last_id
+    return requests.post(f"{proxy.url}/api/chat", json={}, headers=headers, stream=True, timeout=30)
+
+
+def seqs(received) -> list[int]:
+    return [int(i.rsplit("-", 1)[1]) for i in received.ids()]
+
+
+def answer_of(*parts) -> str:
+    return "".join(
+        d.get("answer", "") for part in parts for d in part.data() if d["event"] == "message"
+    )
+
+
+def assert_whole_once(first, rest) -> None:
+    """The two parts make the answer: every event once, in order, then message_end."""
+    data_seqs = [s for s in seqs(first) + seqs(rest) if s > 0]
+    assert data_seqs == list(range(1, SLOW["events"] + 2))
+    assert answer_of(first, rest) == SLOW["text"] * SLOW["events"]
+    assert rest.data()[-1]["event"] == "message_end"
+    assert rest.ended
+
+
+def test_a_cut_mid_answer_resumes_with_every_event_once_and_dify_asked_once(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="10")
+    response = ask(proxy)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 3)
+    cut(response)
+
+    rest = read_stream(resume(proxy, first.ids()[-1]))
+
+    assert_whole_once(first, rest)
+    assert len(standin.chats()) == 1
+    assert not standin.stops()
+
+
+def test_the_resumed_data_lines_are_difys_bytes(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="10")
+    response = ask(proxy)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 2)
+    cut(response)
+    rest = read_stream(resume(proxy, first.ids()[-1]))
+    for raw, data in zip(rest.data_events(), rest.data(), strict=True):
+        assert raw == b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def test_a_resume_with_the_id_in_the_query_works_for_eventsource(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="10")
+    response = ask(proxy)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 3)
+    cut(response)
+    assert_whole_once(first, read_stream(resume(proxy, first.ids()[-1], method="GET")))
+
+
+def test_a_cut_before_the_first_event_resumes_from_the_opening_id(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="10")
+    response = ask(proxy, {**SLOW, "first_delay": 1.0})
+    first = read_stream(response, until=lambda r: bool(r.ids()))
+    assert not first.data() and seqs(first) == [0]
+    cut(response)
+
+    rest = read_stream(resume(proxy, first.ids()[-1]))
+
+    assert_whole_once(first, rest)
+    assert len(standin.chats()) == 1
+
+
+def test_a_resume_after_the_answer_ended_replays_the_rest_and_ends(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="10")
+    response = ask(proxy)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 3)
+    cut(response)
+    standin.wait_for(lambda calls: calls and calls[0]["stream_end"] == "completed")
+
+    rest = read_stream(resume(proxy, first.ids()[-1]))
+
+    assert_whole_once(first, rest)
+
+
+def test_a_resume_lands_on_another_process_that_shares_the_spool(start_proxy, standin, tmp_path):
+    spool = str(tmp_path / "spool")
+    a = start_proxy(RESUME_GRACE="10", RESUME_SPOOL_DIR=spool)
+    b = start_proxy(RESUME_GRACE="10", RESUME_SPOOL_DIR=spool)
+    response = ask(a)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 3)
+    cut(response)
+
+    rest = read_stream(resume(b, first.ids()[-1]))
+
+    assert_whole_once(first, rest)
+    assert len(standin.chats()) == 1
+
+
+def test_a_resume_lands_on_another_worker_of_the_same_instance(start_proxy, standin):
+    """Two workers share the master's spool directory; the request log names each pid."""
+    proxy = start_proxy(RESUME_GRACE="10", WEB_CONCURRENCY="2")
+    pids = set()
+    for _ in range(8):
+        response = ask(proxy, {**SLOW, "interval": 0.05})
+        first = read_stream(response, until=lambda r: len(r.data()) >= 2)
+        cut(response)
+        rest = read_stream(resume(proxy, first.ids()[-1]))
+        assert rest.data()[-1]["event"] == "message_end"
+        lines = [json.loads(line) for line in proxy.log().splitlines() if '"request"' in line]
+        pids = {line["pid"] for line in lines if line.get("path") == "/api/chat"}
+        if any(line.get("resumed") for line in lines) and len(pids) == 2:
+            break
+    resumed = [
+        line
+        for line in (json.loads(x) for x in proxy.log().splitlines() if '"request"' in x)
+        if line.get("resumed")
+    ]
+    assert resumed and len(pids) == 2
+
+
+def test_two_instances_sharing_redis_resume_each_others_answers(
+    start_proxy, standin, redis_server, tmp_path
+):
+    a = start_proxy(RESUME_GRACE="10", REDIS_URL=redis_server.url)
+    b = start_proxy(RESUME_GRACE="10", REDIS_URL=redis_server.url)
+    response = ask(a)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 3)
+    cut(response)
+
+    rest = read_stream(resume(b, first.ids()[-1]))
+
+    assert_whole_once(first, rest)
+    assert len(standin.chats()) == 1
+
+
+def test_when_redis_stops_mid_answer_the_client_loses_nothing_and_resume_uses_the_spool(
+    start_proxy, standin, redis_server
+):
+    proxy = start_proxy(RESUME_GRACE="10", REDIS_URL=redis_server.url)
+    response = ask(proxy)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 2)
+    redis_server.stop()
+    more = read_stream(response, until=lambda r: len(r.data()) >= 3)
+    cut(response)
+
+    rest = read_stream(resume(proxy, more.ids()[-1]))
+
+    combined = first.ids() + more.ids()
+    assert [int(i.rsplit("-", 1)[1]) for i in combined if not i.endswith("-0")] == list(
+        range(1, len(first.data()) + len(more.data()) + 1)
+    )
+    assert rest.data()[-1]["event"] == "message_end"
+    assert answer_of(first, more, rest) == SLOW["text"] * SLOW["events"]
+
+
+def test_after_the_grace_with_no_reconnect_dify_is_told_to_stop(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="1")
+    response = ask(proxy, {"events": 1, "end": "hang"})
+    read_stream(response, until=lambda r: bool(r.data()))
+    left_at = time.monotonic()
+    cut(response)
+
+    standin.wait_for(lambda calls: any(c["path"].endswith("/stop") for c in calls))
+
+    assert standin.stops()
+    assert time.monotonic() - left_at >= 1.0
+    assert '"answer abandoned"' in proxy.log()
+
+
+def test_a_reconnect_within_the_grace_keeps_the_answer_running_past_it(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="1")
+    response = ask(proxy, {"events": 30, "interval": 0.1, "text": "w "})
+    first = read_stream(response, until=lambda r: len(r.data()) >= 2)
+    cut(response)
+    rest = read_stream(resume(proxy, first.ids()[-1]))
+    assert rest.data()[-1]["event"] == "message_end"
+    assert not standin.stops()
+
+
+def test_another_users_id_gets_204_and_no_dify_call(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="10")
+    response = ask(proxy)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 2)
+    cut(response)
+    other = resume(proxy, first.ids()[-1], sub=BOB)
+    assert other.status_code == 204
+    assert len(standin.chats()) == 1
+
+
+def test_an_unknown_id_gets_204(start_proxy, standin):
+    proxy = start_proxy()
+    assert resume(proxy, "A" * 22 + "-3").status_code == 204
+    assert not standin.chats()
+
+
+def test_an_expired_id_gets_204(start_proxy, standin):
+    proxy = start_proxy(RESUME_WINDOW="1")
+    received = read_stream(ask(proxy, {"events": 2, "interval": 0}))
+    time.sleep(2.5)
+    assert resume(proxy, received.ids()[-1]).status_code == 204
+
+
+def test_an_answer_over_the_record_cap_cannot_be_resumed(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="10", RESUME_MAX_BYTES="2000")
+    received = read_stream(ask(proxy, {"events": 20, "interval": 0, "pad": 200}))
+    assert received.data()[-1]["event"] == "message_end"  # it still streamed whole, live
+    assert resume(proxy, received.ids()[1]).status_code == 204
+
+
+def test_a_resume_is_no_new_question_for_the_limits(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="10", RATE_LIMIT="1/minute", MAX_STREAMS_PER_USER="1")
+    response = ask(proxy)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 2)
+    cut(response)
+    rest = resume(proxy, first.ids()[-1])
+    assert rest.status_code == 200
+    assert_whole_once(first, read_stream(rest))
+
+
+def test_tokens_used_during_the_grace_count_against_the_budget(start_proxy, standin, redis_server):
+    proxy = start_proxy(RESUME_GRACE="10", DAILY_TOKEN_BUDGET="5", REDIS_URL=redis_server.url)
+    response = ask(proxy, {"events": 10, "interval": 0.1})
+    read_stream(response, until=lambda r: bool(r.data()))
+    cut(response)
+    standin.wait_for(lambda calls: calls and calls[0]["stream_end"] == "completed")
+    deadline = time.monotonic() + 10
+    while (again := ask(proxy, {"events": 1})).status_code == 200:
+        again.close()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert again.json()["code"] == "token_budget_exceeded"
+
+
+def test_resumes_are_logged_and_counted(start_proxy, standin):
+    proxy = start_proxy(RESUME_GRACE="10")
+    response = ask(proxy)
+    first = read_stream(response, until=lambda r: len(r.data()) >= 3)
+    cut(response)
+    read_stream(resume(proxy, first.ids()[-1]))
+    lines = [json.loads(x) for x in proxy.log().splitlines() if '"answer resumed"' in x]
+    assert lines and lines[0]["replayed"] >= 0
+    metrics = requests.get(f"{proxy.url}/metrics", timeout=5).text
+    assert "dify_proxy_resumes_total 1.0" in metrics
