@@ -3,7 +3,7 @@ reads with pauses, and the test reads what the client would get.
 
 What is specified here is what a client and Dify see (bytes, keep-alives, the final event, the
 stop call, the hang-up), plus one thing nobody sees until it leaks: once a stream has ended,
-however it ended, nothing of it is left registered (`drain()` finds no open stream).
+however it ended, nothing of it is left in the relay's registry of open answers.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,15 +102,30 @@ def dify() -> Iterator[FakeDify]:
         yield server
 
 
+def eventually(condition, seconds: float = 5.0) -> bool:
+    """The reader finishes an answer on its own thread, a moment after the client's stream."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def nothing_open() -> bool:
+    return not relay_module._open
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_open() -> Iterator[None]:
-    """Every test here ends its streams; none may stay registered afterwards."""
-    assert drain() == 0
+    """Every test here ends its streams; none may stay registered afterwards (a leak)."""
+    assert nothing_open()
     yield
-    left_open = drain()
+    left_open = eventually(nothing_open)
     while _streams:
         _streams.pop().body.close()
-    assert left_open == 0
+    relay_module._draining.clear()  # drain() marks the worker as stopping
+    assert left_open, relay_module._open
 
 
 # --- bytes ---------------------------------------------------------------------------------
@@ -209,7 +225,7 @@ def test_message_end_completes_the_stream_without_a_stop(dify):
     dify.end()
     assert stream.read_all() == HELLO + END
     assert stream.stats.end == "completed"
-    assert stream.ended == [stream.stats]
+    assert eventually(lambda: stream.ended == [stream.stats])
     assert not stream.stop_called.wait(0.1)
 
 
@@ -235,7 +251,7 @@ def test_a_dify_that_stops_before_message_end_gets_the_client_a_502_error_event(
     assert (error["conversation_id"], error["message_id"]) == (CONVERSATION, MESSAGE)
     assert stream.stats.end == "upstream_dropped"
     assert is_a_sentence(error["message"])
-    assert stream.ended == [stream.stats]
+    assert eventually(lambda: stream.ended == [stream.stats])
 
 
 def test_a_dropped_stream_asks_dify_to_stop_the_task(dify):
@@ -297,7 +313,7 @@ def test_a_client_that_leaves_mid_answer_stops_the_task_and_hangs_up_on_dify(dif
     assert stream.stop_called.wait(5)
     assert stream.stopped == [TASK]
     assert dify.hung_up.wait(10)
-    assert stream.ended == [stream.stats]
+    assert eventually(lambda: stream.ended == [stream.stats])
 
 
 def test_a_client_that_leaves_while_dify_is_silent_hangs_up_on_dify_at_once(dify):
@@ -330,15 +346,21 @@ def test_a_client_that_leaves_after_message_end_stops_nothing(dify):
 # --- drain ---------------------------------------------------------------------------------
 
 
-def test_drain_ends_every_open_stream_with_a_503_restarting_event(dify):
+def reading(stream: Stream) -> Stream:
+    """Drive a new stream until its reader runs (Dify still silent)."""
+    assert next(stream.body) in (b"", sse.opening(stream.stats.stream_id + b"-0"))
+    assert next(stream.body) == sse.PING
+    return stream
+
+
+def test_drain_at_its_deadline_ends_every_running_answer_with_a_503_restarting_event(dify):
     first = Stream(dify)
     dify.send(HELLO)
     first.read_until(HELLO)
-    second = Stream(dify)  # opened after HELLO went out, so HELLO was the first stream's
-    assert next(second.body) == b""
-    assert drain() == 2
+    second = reading(Stream(dify, heartbeat=0.05))  # opened after HELLO went to the first
+    assert drain(0)["ended_at_deadline"] == 2
     for stream in (first, second):
-        error = final_event(stream.read_all())
+        error = final_event(stream.read_all().replace(sse.PING, b""))
         assert (error["event"], error["status"], error["code"]) == (
             "error",
             503,
@@ -351,19 +373,26 @@ def test_drain_ends_every_open_stream_with_a_503_restarting_event(dify):
     assert dify.hung_up.wait(10)
 
 
-def test_drain_counts_a_stream_once_it_has_started(dify):
+def test_drain_lets_an_answer_that_ends_before_the_deadline_finish_whole(dify):
     stream = Stream(dify)
-    assert next(stream.body) == b""
-    assert drain() == 1
-    stream.read_all()
+    dify.send(HELLO)
+    stream.read_until(HELLO)
+    outcome = []
+    draining = threading.Thread(target=lambda: outcome.append(drain(10)))
+    draining.start()
+    dify.send(END)
+    dify.end()
+    assert stream.read_all() == END
+    draining.join(15)
+    assert outcome == [{"finished": 1, "ended_at_deadline": 0, "interrupted": 0}]
+    assert stream.stats.end == "completed"
 
 
 def test_a_drained_stream_with_ids_gets_its_next_id(dify):
-    stream = Stream(dify, ids=True)
-    next(stream.body)
-    drain()
+    stream = reading(Stream(dify, ids=True, heartbeat=0.05))
+    drain(0)
     events = sse.cut_events(stream.read_all())[0]
-    assert events[-1].endswith(b"id: " + stream.stats.stream_id + b"-1\n\n")
+    assert b"id: " + stream.stats.stream_id + b"-1\n" in events[-1]
 
 
 # --- what the request log and the quotas learn ---------------------------------------------
@@ -531,9 +560,22 @@ def test_the_relays_threads_never_keep_a_stopping_worker_alive(dify):
     got = b""
     while HELLO not in got:
         got += next(body)
-    reading = set(threading.enumerate()) - before  # the reader
-    body.close()  # the client left: a stop call starts, and hangs
-    stopping = set(threading.enumerate()) - before - reading
+    started = set(threading.enumerate()) - before  # the reader
+    body.close()  # the client left: Dify is hung up on and told to stop, which hangs
+    started |= set(threading.enumerate()) - before
     release_stop.set()
-    assert reading and stopping
-    assert all(thread.daemon for thread in reading | stopping)
+    assert started
+    assert all(thread.daemon for thread in started)
+
+
+def test_a_client_that_leaves_before_difys_first_event_stops_the_task_once_its_id_comes(dify):
+    """The stop call needs Dify's task id, which comes with its first event."""
+    stream = Stream(dify, heartbeat=0.05)
+    assert next(stream.body) == b""
+    assert next(stream.body) == sse.PING  # the reader is running, Dify silent
+    stream.body.close()
+    assert not dify.hung_up.wait(0.2)
+    dify.send(HELLO)
+    assert stream.stop_called.wait(5)
+    assert stream.stopped == [TASK]
+    assert dify.hung_up.wait(10)
