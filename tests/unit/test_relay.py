@@ -393,6 +393,7 @@ def test_a_drained_stream_with_ids_gets_its_next_id(dify):
     drain(0)
     events = sse.cut_events(stream.read_all())[0]
     assert b"id: " + stream.stats.stream_id + b"-1\n" in events[-1]
+    assert events[-1].endswith(b"retry: 1000\n\n")  # come back soon, to another instance
 
 
 # --- what the request log and the quotas learn ---------------------------------------------

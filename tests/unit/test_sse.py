@@ -194,3 +194,12 @@ def test_a_data_event_is_a_block_with_a_data_line(event, is_data):
 def test_the_opening_is_a_ping_that_carries_an_id():
     assert sse.opening(b"s-0") == b"event: ping\nid: s-0\n\n"
     assert sse.event_type(sse.opening(b"s-0")) == "ping"
+
+
+@pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n"])
+def test_a_retry_line_goes_last_in_the_event_and_keeps_its_line_ends(end):
+    event = b'data: {"event":"error"}' + end
+    last = 2 if end.endswith(b"\r\n") else 1
+    assert sse.with_retry(event, 1000) == event[:-last] + b"retry: 1000\n" + event[-last:]
+    (whole,), rest = sse.cut_events(sse.with_retry(event, 1000))
+    assert rest == b"" and sse.event_data(whole) == {"event": "error"}
