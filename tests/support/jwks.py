@@ -26,6 +26,7 @@ class JwksServer:
         self.status = 200
         self.body: bytes | None = None  # when set, sent as-is instead of the JWKS
         self.fetches = 0
+        self.user_agents: list[str | None] = []  # one per fetch
         self._lock = threading.Lock()
         self._stopped = False
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -57,9 +58,10 @@ class JwksServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _respond(self) -> tuple[int, bytes, str]:
+    def _respond(self, user_agent: str | None) -> tuple[int, bytes, str]:
         with self._lock:
             self.fetches += 1
+            self.user_agents.append(user_agent)
             if self.body is not None:
                 return self.status, self.body, "text/html; charset=utf-8"
             return self.status, json.dumps({"keys": self.keys}).encode(), "application/json"
@@ -72,7 +74,7 @@ class JwksServer:
                 if self.path != JWKS_PATH:
                     status, body, content_type = 404, b"{}", "application/json"
                 else:
-                    status, body, content_type = server._respond()
+                    status, body, content_type = server._respond(self.headers.get("User-Agent"))
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))

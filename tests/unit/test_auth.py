@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from dify_proxy import auth, create_app
 from dify_proxy.settings import Settings
 from tests.support import tokens
 from tests.support.jwks import JwksServer, closed_port_url, hmac_forgery, tampered
+from tests.support.messages import is_a_sentence
 
 API_KEY = "app-test-dify-api-key-0123456789"
 DIFY_URL = "https://dify.test/v1"
@@ -472,6 +474,118 @@ def test_empty_jwks_is_not_refetched_for_every_token(
         post_chat(client, mint.es256())
     assert jwks_server.fetches <= 2  # the first fetch and at most one refetch in the cooldown
     assert not dify.called
+
+
+class FakeClock:
+    """`time.monotonic` for the proxy's back-off and PyJWT's cache, moved on by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    for module in (auth, jwt.api_jwk, jwt.jwks_client, jwt.jwk_set_cache):
+        monkeypatch.setattr(module, "time", fake)
+    return fake
+
+
+def test_every_signing_key_request_gets_503_while_the_jwks_is_down(
+    client: FlaskClient, mint: Mint, jwks_server: JwksServer, dify: Any
+) -> None:
+    """The back-off must repeat the outage's 503, never turn it into a 401: a front end
+    signs its user out on a 401."""
+    jwks_server.status = 500
+    for token in (mint.es256(), mint.rs256(), mint.es256()):
+        response = post_chat(client, token)
+        assert response.status_code == 503
+        assert response.get_json()["code"] == "auth_unavailable"
+    assert jwks_server.fetches == 1
+    assert not dify.called
+
+
+def test_signing_keys_work_again_once_the_back_off_ends_and_the_jwks_is_back(
+    client: FlaskClient, mint: Mint, jwks_server: JwksServer, dify: Any, clock: FakeClock
+) -> None:
+    jwks_server.status = 500
+    assert post_chat(client, mint.es256()).status_code == 503
+    jwks_server.status = 200
+    clock.now += auth.JWKS_FAILURE_BACKOFF_SECONDS - 0.1
+    assert post_chat(client, mint.es256()).status_code == 503  # still backing off
+    clock.now += 0.1
+
+    assert_reached_dify(post_chat(client, mint.es256()), dify)
+    assert jwks_server.fetches == 2
+
+
+def test_a_jwks_outage_is_logged_as_an_error(
+    client: FlaskClient, mint: Mint, jwks_server: JwksServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    jwks_server.status = 500
+    with caplog.at_level(logging.ERROR, logger="dify_proxy.auth"):
+        post_chat(client, mint.es256())
+    assert [r.getMessage() for r in caplog.records if r.name == "dify_proxy.auth"] == [
+        "could not fetch the Supabase JWKS"
+    ]
+
+
+def test_the_jwks_is_kept_for_ten_minutes_then_fetched_again(
+    client: FlaskClient, mint: Mint, jwks_server: JwksServer, clock: FakeClock
+) -> None:
+    assert post_chat(client, mint.es256()).status_code == 200
+    clock.now += 599
+    assert post_chat(client, mint.es256()).status_code == 200
+    assert jwks_server.fetches == 1
+    clock.now += 2
+    assert post_chat(client, mint.es256()).status_code == 200
+    assert jwks_server.fetches == 2
+
+
+def test_the_jwks_fetch_gives_up_within_ten_seconds(
+    client: FlaskClient, mint: Mint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Supabase that accepts the connection and never answers must not hold a worker."""
+    timeouts = []
+    real_open = urllib.request.OpenerDirector.open
+
+    def open_and_note_timeout(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        timeouts.append(kwargs.get("timeout", args[1] if len(args) > 1 else None))
+        return real_open(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", open_and_note_timeout)
+    assert post_chat(client, mint.es256()).status_code == 200
+    assert len(timeouts) == 1
+    assert isinstance(timeouts[0], (int, float)) and 0 < timeouts[0] <= 10
+
+
+def test_the_jwks_fetch_names_dify_proxy_not_python_urllib(
+    client: FlaskClient, mint: Mint, jwks_server: JwksServer
+) -> None:
+    """Edges in front of Supabase may refuse urllib's default User-Agent as a bot."""
+    assert post_chat(client, mint.es256()).status_code == 200
+    assert jwks_server.user_agents == ["dify-proxy"]
+
+
+def test_unauthorized_and_unavailable_messages_are_sentences(
+    client: FlaskClient, mint: Mint, jwks_server: JwksServer
+) -> None:
+    assert is_a_sentence(post_chat(client, "not-a-token").get_json()["message"])
+    jwks_server.status = 500
+    assert is_a_sentence(post_chat(client, mint.es256()).get_json()["message"])
+
+
+def test_more_than_one_space_after_bearer_is_accepted(
+    client: FlaskClient, mint: Mint, dify: Any
+) -> None:
+    """RFC 6750's grammar is `Bearer 1*SP token`."""
+    response = client.post(
+        "/api/chat", json=BODY, headers={"Authorization": f"Bearer   {mint.hs256()}"}
+    )
+    assert_reached_dify(response, dify)
 
 
 # --- tokens stay secret --------------------------------------------------------------------

@@ -8,8 +8,10 @@ from urllib.parse import quote
 import pytest
 
 from dify_proxy import create_app
+from dify_proxy.auth import cookie_token
 from tests.conftest import DIFY_URL
 from tests.support import tokens
+from tests.support.messages import is_a_sentence
 
 COOKIE = "sb-abcdefghij-auth-token"
 ALLOWED = "https://app.example.com"
@@ -136,3 +138,39 @@ def test_the_user_object_next_to_the_token_is_not_trusted(client, dify):
 def test_without_a_cookie_name_configured_cookies_are_ignored(settings, dify):
     client = create_app(settings).test_client()
     assert ask(client, {COOKIE: base64_value()}).status_code == 401
+
+
+def padded_lengths_cookie(residue: int) -> str:
+    """A base64 session cookie whose encoded length leaves `residue` when divided by 4."""
+    for extra in range(8):
+        value = "base64-" + base64.urlsafe_b64encode(
+            session_json().replace('"r"', '"r' + "x" * extra + '"').encode()
+        ).decode().rstrip("=")
+        if len(value.removeprefix("base64-")) % 4 == residue:
+            return value
+    raise AssertionError(f"no length with remainder {residue}")
+
+
+@pytest.mark.parametrize("residue", [0, 2, 3])  # base64 without padding is never 1 mod 4
+def test_a_base64_cookie_of_any_length_is_a_session(client, dify, residue):
+    """@supabase/ssr strips the `=` padding, so the proxy must put back the right amount."""
+    assert ask(client, {COOKIE: padded_lengths_cookie(residue)}).status_code == 200
+
+
+def test_the_origin_header_wins_over_a_same_origin_referer(client, dify):
+    response = ask(
+        client, {COOKIE: base64_value()}, origin="https://evil.example", Referer=f"{SELF}/demo"
+    )
+    assert response.status_code == 403
+    assert dify.call_count == 0
+
+
+def test_the_403_for_a_foreign_origin_says_why_in_a_sentence(client, dify):
+    response = ask(client, {COOKIE: base64_value()}, origin="https://evil.example")
+    assert is_a_sentence(response.json["message"])
+
+
+@pytest.mark.parametrize("token", [5, "", None, ["a.b.c"]])
+def test_a_session_whose_access_token_is_not_a_non_empty_string_has_no_token(token):
+    value = quote(json.dumps({"access_token": token}))
+    assert cookie_token({COOKIE: value}, COOKIE) is None

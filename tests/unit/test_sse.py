@@ -98,6 +98,75 @@ def test_data_event_is_compact_json_with_raw_utf8():
     )
 
 
+def test_event_data_reads_a_data_line_without_the_optional_space():
+    assert sse.event_data(b'data:{"event":"message"}\n\n') == {"event": "message"}
+
+
+def test_event_data_strips_only_one_leading_space():
+    assert sse.event_data(b'data:  "x"\n\n') == "x"  # JSON ignores the second space
+    assert sse.event_data(b"data:  7\n\n") == 7
+
+
+def test_event_data_ignores_id_event_and_comment_lines():
+    raw = b'id: 4\nevent: message\n: note\ndata: {"a":1}\n\n'
+    assert sse.event_data(raw) == {"a": 1}
+
+
+def test_event_data_of_an_event_without_data_is_none():
+    assert sse.event_data(b"event: ping\n\n") is None
+
+
+def test_event_data_reads_cr_only_line_ends():
+    assert sse.event_data(b'data: {"a":\rdata: 1}\r\r') == {"a": 1}
+
+
+def test_a_ping_with_cr_only_line_ends_is_a_ping():
+    assert sse.event_type(b"event: ping\r\r") == "ping"
+
+
+@pytest.mark.parametrize("raw", [b"event: pinged\n\n", b"event: ping-pong\n\n", b"event: pin\n\n"])
+def test_an_event_name_that_only_starts_like_ping_is_not_a_ping(raw):
+    assert sse.event_type(raw) is None
+
+
+def test_a_ping_written_without_the_space_is_a_ping():
+    assert sse.event_type(b"event:ping\n\n") == "ping"
+
+
+def test_a_ping_after_a_blank_line_is_a_ping():
+    assert sse.event_type(b"\nevent: ping\n\n") == "ping"
+
+
+def test_a_non_ascii_event_name_does_not_break_framing():
+    """Dify's types are ASCII; anything else must still pass through, not raise."""
+    event_type = sse.event_type('data: {"event":"réponse"}\n\n'.encode())
+    assert isinstance(event_type, str)
+    assert event_type not in ("message", "message_end", "error", "ping")
+
+
+def test_a_blank_line_at_the_very_start_is_an_event_of_its_own():
+    assert sse.cut_events(b"\n\n" + EVENT) == ([b"\n\n", EVENT], b"")
+
+
+def test_framing_a_large_event_in_small_reads_looks_at_each_byte_a_bounded_number_of_times(
+    monkeypatch,
+):
+    """Rescanning the whole pending buffer on every read would be quadratic: a 1 MB answer in
+    16 KB reads would be scanned 64 times over. Counted, not timed."""
+    scanned = []
+    real = sse._EVENT_END
+
+    class CountingPattern:
+        def finditer(self, buffer, pos=0):
+            scanned.append(len(buffer) - pos)
+            return real.finditer(buffer, pos)
+
+    monkeypatch.setattr(sse, "_EVENT_END", CountingPattern())
+    big = b'data: {"event":"message","answer":"' + b"x" * 1_000_000 + b'"}\n\n'
+    assert frame_in_pieces(big, 16_384) == [big]
+    assert sum(scanned) < 2 * len(big)
+
+
 @pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n"])
 def test_an_id_goes_last_in_the_event_and_keeps_difys_line_ends(end):
     event = b'data: {"event":"message"}' + end
@@ -125,3 +194,12 @@ def test_a_data_event_is_a_block_with_a_data_line(event, is_data):
 def test_the_opening_is_a_ping_that_carries_an_id():
     assert sse.opening(b"s-0") == b"event: ping\ndata:\nid: s-0\n\n"
     assert sse.event_type(sse.opening(b"s-0")) == "ping"
+
+
+@pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n"])
+def test_a_retry_line_goes_last_in_the_event_and_keeps_its_line_ends(end):
+    event = b'data: {"event":"error"}' + end
+    last = 2 if end.endswith(b"\r\n") else 1
+    assert sse.with_retry(event, 1000) == event[:-last] + b"retry: 1000\n" + event[-last:]
+    (whole,), rest = sse.cut_events(sse.with_retry(event, 1000))
+    assert rest == b"" and sse.event_data(whole) == {"event": "error"}
