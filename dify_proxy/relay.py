@@ -147,12 +147,12 @@ def relay(
         raise
     finally:
         answer.attached = False
+        if answer.reader.ident is None:
+            # The client left before the first write: read on all the same, to learn the task
+            # id (and stop the task), and to end the record.
+            answer.reader.start()
         if answer.reader.is_alive():
             threading.Thread(target=_linger, args=(answer, grace, on_tick), daemon=True).start()
-        elif answer.reader.ident is None:  # never started: the client left at once
-            upstream.close()
-            answer.finished.set()
-            _done(answer, on_end)
         _done(answer, on_end)
 
 

@@ -325,13 +325,18 @@ def test_a_client_that_leaves_while_dify_is_silent_hangs_up_on_dify_at_once(dify
     assert dify.hung_up.wait(10)
 
 
-def test_a_client_that_leaves_before_any_event_does_not_stop_an_unknown_task(dify):
+def test_a_client_that_leaves_at_the_first_write_still_gets_difys_task_stopped(dify):
+    """Issue 11, item 6: the task id comes with Dify's first event, so the relay reads on until
+    it arrives, then stops the task and hangs up."""
     stream = Stream(dify)
     assert next(stream.body) == b""
     stream.body.close()
     assert stream.stats.end == "client_gone"
+    assert not stream.stop_called.wait(0.2)  # no task id yet: nothing to stop
+    dify.send(HELLO)
+    assert stream.stop_called.wait(5)
+    assert stream.stopped == [TASK]
     assert dify.hung_up.wait(10)
-    assert not stream.stop_called.wait(0.1)
 
 
 def test_a_client_that_leaves_after_message_end_stops_nothing(dify):
