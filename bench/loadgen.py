@@ -201,6 +201,8 @@ class Stream(asyncio.Protocol):
             start = end + 2
             # an event may carry `id:`/`event:` lines too (the proxy adds ids): only its
             # `data:` lines are compared, since ids differ between the proxy and nginx
+            if event.startswith(b"event: ping"):
+                continue  # a keep-alive, or the proxy's opening ping with its empty data line
             if event.startswith(b"data:") and event.count(b"\n") == 2:
                 payload = event[:-2]
             elif b"data:" in event:

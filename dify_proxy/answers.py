@@ -36,6 +36,7 @@ POLL_SECONDS = 0.05  # how often a follower of the local spool looks for more
 BLOCK_MS = 300  # a follower's XREAD wait; under the Redis client's socket timeout
 SWEEP_EVERY_SECONDS = 60.0
 REDIS_PREFIX = "dify-proxy:answer:"
+MAX_ENTRIES = 100_000  # a Redis stream's length cap; the byte cap (RESUME_MAX_BYTES) comes first
 
 
 def parse_event_id(value: str) -> tuple[str, int] | None:
@@ -54,6 +55,11 @@ class Recorder:
         self._bytes = 0
         self.truncated = False
         self._redis = answers.redis is not None
+        self._fd: int | None = None
+        try:  # kept open while the answer runs: one write per batch, no open and close
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("answer spool open failed: %s", type(exc).__name__)
         self._write([("o", owner)])
 
     def events(self, items: list[Item]) -> None:
@@ -70,23 +76,23 @@ class Recorder:
 
     def end(self, reason: str) -> None:
         self._write([("x", reason)])
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def seen_at(self) -> float:
         """When a resumed client last showed it is still reading (0 if none ever did)."""
         return self._answers.seen_at(self.stream_id)
 
     def _write(self, items: list[Item]) -> None:
-        data = b"".join(_encode(item) for item in items)
-        try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        data = b"".join([_encode(item) for item in items])
+        if self._fd is not None:
             try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning("answer spool write failed: %s", type(exc).__name__)
+                os.write(self._fd, data)
+            except OSError as exc:
+                log.warning("answer spool write failed: %s", type(exc).__name__)
         if self._redis:
-            self._answers.queue_redis(self.stream_id, items)
+            self._answers.queue_redis(self.stream_id, data)
 
 
 _instances: list[Answers] = []
@@ -117,7 +123,7 @@ class Answers:
         self.redis = redis_client
         self._on_redis_error = on_redis_error
         self._redis_usable = redis_usable
-        self._pending: queue.SimpleQueue[tuple[str, list[Item]]] = queue.SimpleQueue()
+        self._pending: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._flusher: threading.Thread | None = None
         self._swept_at = 0.0
         self._lock = threading.Lock()
@@ -135,13 +141,14 @@ class Answers:
     def spool_path(self, stream_id: str) -> str:
         return os.path.join(self.spool_dir, stream_id)
 
-    def queue_redis(self, stream_id: str, items: list[Item]) -> None:
+    def queue_redis(self, stream_id: str, data: bytes) -> None:
+        """Queue one batch, already encoded: it becomes one stream entry."""
         if self._flusher is None:
             with self._lock:
                 if self._flusher is None:
                     self._flusher = threading.Thread(target=self._flush_forever, daemon=True)
                     self._flusher.start()
-        self._pending.put((stream_id, items))
+        self._pending.put((stream_id, data))
 
     def _flush_forever(self) -> None:
         while True:
@@ -155,7 +162,9 @@ class Answers:
             finally:
                 self._flushing = 0
 
-    def _flush(self, batch: list[tuple[str, list[Item]]]) -> None:
+    def _flush(self, batch: list[tuple[str, bytes]]) -> None:
+        """One pipeline for everything queued: an `XADD` per batch of an answer, an `EXPIRE`
+        per answer."""
         assert self.redis is not None
         if not self._redis_usable():
             for stream_id, _ in batch:
@@ -163,20 +172,19 @@ class Answers:
             return
         pipe = self.redis.pipeline(transaction=False)
         keys = set()
-        for stream_id, items in batch:
+        for stream_id, data in batch:
             if stream_id in self._broken:
                 # Some of this answer never reached Redis: say so once, so that a resume from
                 # Redis gets the 204 instead of an answer with a hole in it.
                 if self._broken[stream_id]:
-                    if any(item[0] == "x" for item in items):
+                    if any(item[0] == "x" for item in _decode(data)[0]):
                         del self._broken[stream_id]  # its end: nothing more will come
                     continue
                 self._broken[stream_id] = True
-                items = [("t",)]
+                data = _encode(("t",))
             key = REDIS_PREFIX + stream_id
             keys.add(key)
-            for item in items:
-                pipe.xadd(key, _fields(item), maxlen=max(1000, self.max_bytes // 64))
+            pipe.xadd(key, {"b": data}, maxlen=MAX_ENTRIES, approximate=True)
         ttl = max(1, int(self.window))
         for key in keys:
             pipe.expire(key, ttl)
@@ -309,7 +317,8 @@ class _RedisSource(Source):
 
     def first(self) -> Item | None:
         entries = self.redis.xrange(self.key, count=1)
-        return _item(entries[0][1]) if entries else None
+        items = _decode(entries[0][1][b"b"])[0] if entries else []
+        return items[0] if items else None
 
     def expired(self) -> bool:
         return False  # Redis expires the key itself
@@ -327,10 +336,10 @@ class _RedisSource(Source):
                 continue
             for entry_id, fields in found[0][1]:
                 last = entry_id
-                item = _item(fields)
-                yield item
-                if item[0] == "x":
-                    return
+                for item in _decode(fields[b"b"])[0]:
+                    yield item
+                    if item[0] == "x":
+                        return
 
 
 def _encode(item: Item) -> bytes:
@@ -367,16 +376,3 @@ def _make(kind: str, seq: int, body: bytes) -> Item:
     if kind in ("o", "x"):
         return (kind, body.decode())
     return (kind,)
-
-
-def _fields(item: Item) -> dict[str, Any]:
-    if item[0] == "e":
-        return {"k": "e", "s": item[1], "d": item[2]}
-    if item[0] in ("o", "x"):
-        return {"k": item[0], "d": item[1]}
-    return {"k": item[0]}
-
-
-def _item(fields: dict[bytes, bytes]) -> Item:
-    kind = fields[b"k"].decode()
-    return _make(kind, int(fields.get(b"s", 0)), fields.get(b"d", b""))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dify_proxy.answers import Answers, parse_event_id
+from dify_proxy.answers import Answers, _decode, _encode, parse_event_id
 
 STREAM = "A" * 22
 OWNER = "5b1f0c2e-1111-4a6f-9d3e-0a1b2c3d4e5f"
@@ -121,7 +121,7 @@ class FlakyRedis:
         self.queued: list[tuple] = []
         return self
 
-    def xadd(self, key, fields, maxlen=None):
+    def xadd(self, key, fields, maxlen=None, approximate=True):
         self.queued.append((key, fields))
 
     def expire(self, key, ttl):
@@ -138,10 +138,15 @@ class FlakyRedis:
 def test_an_answer_with_items_lost_to_a_redis_outage_is_marked_unresumable_there(tmp_path):
     client = FlakyRedis()
     answers = Answers(str(tmp_path), window=300, max_bytes=1000, redis_client=client)
-    answers._flush([(STREAM, [("o", OWNER), ("e", 1, b"one")])])
+
+    def batch(*items):
+        return (STREAM, b"".join(_encode(item) for item in items))
+
+    answers._flush([batch(("o", OWNER), ("e", 1, b"one"))])
     client.down = True
-    answers._flush([(STREAM, [("e", 2, b"two")])])
+    answers._flush([batch(("e", 2, b"two"))])
     client.down = False
-    answers._flush([(STREAM, [("e", 3, b"three")])])
-    answers._flush([(STREAM, [("e", 4, b"four"), ("x", "completed")])])
-    assert [fields["k"] for _, fields in client.sent] == ["o", "e", "t"]
+    answers._flush([batch(("e", 3, b"three"))])
+    answers._flush([batch(("e", 4, b"four"), ("x", "completed"))])
+    sent = [item[0] for _, fields in client.sent for item in _decode(fields["b"])[0]]
+    assert sent == ["o", "e", "t"]
