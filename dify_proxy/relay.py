@@ -298,20 +298,24 @@ def _read_events(answer: _Answer) -> _End:
             out = []
             records: list[tuple[Any, ...]] = []
             for event in events:
-                if sse.is_data_event(event):
-                    stats.events += 1
-                    kind = sse.event_type(event)
-                    if stats.task_id is None or kind == "message_end":
-                        _note_ids(stats, sse.event_data(event))
-                    if kind in TERMINAL_EVENTS:
-                        terminal = kind
+                # Dify's events carry their type in the JSON, so one search tells most of them
+                # apart from pings; only a block without it needs a look for a `data:` line.
+                kind = sse.event_type(event)
+                if kind == "ping" or (kind is None and not sse.is_data_event(event)):
                     if recorder is not None:
-                        records.append(("e", stats.events, event))
-                    if ids:
-                        event = sse.with_id(event, _event_id(stats, stats.events))
-                elif recorder is not None:
-                    records.append(("p",))
-                out.append(event)  # Dify's pings, and anything else, exactly as sent
+                        records.append(("p",))
+                    out.append(event)  # Dify's pings, and anything else, exactly as sent
+                    continue
+                stats.events += 1
+                if stats.task_id is None or kind == "message_end":
+                    _note_ids(stats, sse.event_data(event))
+                if kind in TERMINAL_EVENTS:
+                    terminal = kind
+                if recorder is not None:
+                    records.append(("e", stats.events, event))
+                if ids:
+                    event = sse.with_id(event, _event_id(stats, stats.events))
+                out.append(event)
             if records:
                 recorder.events(records)
             if answer.attached:
