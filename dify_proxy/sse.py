@@ -80,18 +80,19 @@ def with_id(event: bytes, event_id: bytes) -> bytes:
     chunk to start with Dify's `data:` line. SSE readers apply an id at dispatch, wherever the
     line stands. Dify's bytes stay as they are, line endings included.
     """
-    if event.endswith(b"\r\n"):
-        end = 2
-    else:
-        end = 1  # "\n" or a lone "\r"
-    return event[:-end] + b"id: " + event_id + b"\n" + event[-end:]
+    return _with_last_line(event, b"id: " + event_id)
 
 
 def with_retry(event: bytes, milliseconds: int) -> bytes:
     """The event with a `retry:` line added last, which sets how soon an EventSource
     reconnects (with the event's id, to whichever instance answers)."""
-    end = 2 if event.endswith(b"\r\n") else 1
-    return event[:-end] + b"retry: %d\n" % milliseconds + event[-end:]
+    return _with_last_line(event, b"retry: %d" % milliseconds)
+
+
+def _with_last_line(event: bytes, line: bytes) -> bytes:
+    """`line` inserted before the blank line that ends a whole event, whatever its line ends."""
+    end = 2 if event.endswith(b"\r\n") else 1  # the blank line: "\r\n", "\n" or a lone "\r"
+    return event[:-end] + line + b"\n" + event[-end:]
 
 
 def opening(event_id: bytes) -> bytes:

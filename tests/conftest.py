@@ -48,3 +48,21 @@ def client(app):
 @pytest.fixture
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens.hs256()}"}
+
+
+@pytest.fixture
+def event_end_scans(monkeypatch):
+    """How many bytes each search for an event's end looked at: framing is tested to stay
+    linear in the bytes received by counting, not timing."""
+    from dify_proxy import sse
+
+    scanned: list[int] = []
+    real = sse._EVENT_END
+
+    class CountingPattern:
+        def finditer(self, buffer, pos=0):
+            scanned.append(len(buffer) - pos)
+            return real.finditer(buffer, pos)
+
+    monkeypatch.setattr(sse, "_EVENT_END", CountingPattern())
+    return scanned

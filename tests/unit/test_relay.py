@@ -489,16 +489,8 @@ def test_an_event_whose_blank_line_is_split_across_reads_still_ends_the_answer(d
     assert stream.stats.events == 2
 
 
-def test_a_large_event_in_many_reads_is_scanned_a_bounded_number_of_times(dify, monkeypatch):
-    scanned = []
-    real = sse._EVENT_END
-
-    class CountingPattern:
-        def finditer(self, buffer, pos=0):
-            scanned.append(len(buffer) - pos)
-            return real.finditer(buffer, pos)
-
-    monkeypatch.setattr(sse, "_EVENT_END", CountingPattern())
+def test_a_large_event_in_many_reads_is_scanned_a_bounded_number_of_times(dify, event_end_scans):
+    scanned = event_end_scans
     big = dify_event("message", answer="x" * 500_000)
     stream = Stream(dify)
     dify.send(*(big[i : i + 8192] for i in range(0, len(big), 8192)))

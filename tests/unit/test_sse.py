@@ -149,19 +149,11 @@ def test_a_blank_line_at_the_very_start_is_an_event_of_its_own():
 
 
 def test_framing_a_large_event_in_small_reads_looks_at_each_byte_a_bounded_number_of_times(
-    monkeypatch,
+    event_end_scans,
 ):
     """Rescanning the whole pending buffer on every read would be quadratic: a 1 MB answer in
     16 KB reads would be scanned 64 times over. Counted, not timed."""
-    scanned = []
-    real = sse._EVENT_END
-
-    class CountingPattern:
-        def finditer(self, buffer, pos=0):
-            scanned.append(len(buffer) - pos)
-            return real.finditer(buffer, pos)
-
-    monkeypatch.setattr(sse, "_EVENT_END", CountingPattern())
+    scanned = event_end_scans
     big = b'data: {"event":"message","answer":"' + b"x" * 1_000_000 + b'"}\n\n'
     assert frame_in_pieces(big, 16_384) == [big]
     assert sum(scanned) < 2 * len(big)
