@@ -4,6 +4,8 @@ import json
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dify_proxy import sse
 
@@ -51,6 +53,20 @@ def test_unicode_line_separators_inside_json_do_not_split_an_event():
 def test_every_blank_line_form_ends_an_event(terminator):
     raw = b'data: {"event":"message"}' + terminator
     assert sse.cut_events(raw + raw) == ([raw, raw], b"")
+
+
+@given(st.lists(st.sampled_from([b"data: x", b"a", b":", b"\n"]), max_size=30))
+def test_lf_and_crlf_line_ends_cut_a_stream_at_the_same_places(parts):
+    lf = b"".join(parts)  # LF only: framed by the fast path
+    crlf = lf.replace(b"\n", b"\r\n")  # framed by the general rules
+    lf_events, lf_rest = sse.cut_events(lf)
+    crlf_events, crlf_rest = sse.cut_events(crlf)
+    assert [event.replace(b"\n", b"\r\n") for event in lf_events] == crlf_events
+    assert lf_rest.replace(b"\n", b"\r\n") == crlf_rest
+
+
+def test_a_run_of_three_line_ends_ends_one_event_and_starts_the_next():
+    assert sse.cut_events(b"a\n\n\nb\n\n") == ([b"a\n\n", b"\nb\n\n"], b"")
 
 
 def test_a_single_crlf_is_one_line_end_not_a_blank_line():
