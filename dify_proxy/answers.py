@@ -65,8 +65,11 @@ class Recorder:
         self.truncated = False
         self._redis = answers.redis is not None
         self._fd: int | None = None
-        self._pending: list[bytes] = []
-        self._lock = threading.Lock()
+        # Appended to by the reader, emptied by whoever flushes: a deque, whose append and
+        # popleft are atomic, so recording an event takes no lock. Flushes take one, so that
+        # two of them (the flusher's and the end's) never write the same record out of order.
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._flush_lock = threading.Lock()
         self._queued = False  # in the flusher's queue
         try:  # kept open while the answer runs: no open and close per write
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -76,29 +79,25 @@ class Recorder:
         self.flush()
 
     def events(self, items: list[bytes], size: int) -> None:
-        """Record a batch of items made by `event_item` (and `PING_ITEM`); `size` is the bytes of
-        Dify's events among them. Past the byte cap the record is marked cut, and keeps nothing
-        more but its end: a resume that meets the mark gets the 204 (or an error event)."""
+        """Record a batch of items: each event as its `event_head` then its bytes, each ping as
+        `PING_ITEM`; `size` is the bytes of Dify's events among them. Past the byte cap the
+        record is marked cut, and keeps nothing more but its end: a resume that meets the mark
+        gets the 204 (or an error event)."""
         if self.truncated:
             return
         self._bytes += size
         if self._bytes > self._answers.max_bytes:
             self.truncated = True
-            data = _encode(("t",))
-        else:
-            data = b"".join(items)
-        with self._lock:
-            self._pending.append(data)
-            queue_it = not self._queued
+            items = [_encode(("t",))]
+        self._pending.extend(items)
+        if not self._queued:  # the flusher clears this before it takes what is pending
             self._queued = True
-        if queue_it:
             self._answers.flush_soon(self)
 
     def end(self, reason: str) -> None:
-        with self._lock:
-            self._pending.append(_encode(("x", reason)))
+        self._pending.append(_encode(("x", reason)))
         self.flush()
-        with self._lock:
+        with self._flush_lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -109,12 +108,14 @@ class Recorder:
 
     def flush(self) -> None:
         """Write what is pending, in order: to the spool now, and queued for Redis."""
-        with self._lock:
+        with self._flush_lock:
             self._queued = False
-            if not self._pending:
+            pending, parts = self._pending, []
+            while pending:
+                parts.append(pending.popleft())
+            if not parts:
                 return
-            data = b"".join(self._pending)
-            self._pending = []
+            data = b"".join(parts)
             if self._fd is not None:
                 try:
                     os.write(self._fd, data)
@@ -396,15 +397,16 @@ class _RedisSource(Source):
                         return
 
 
-def event_item(seq: int, event: bytes) -> bytes:
-    """The record's item for one of Dify's data events: its number, then its bytes."""
-    return b"e %d %d\n%b" % (seq, len(event), event)
+def event_head(seq: int, event: bytes) -> bytes:
+    """The head of the record's item for one of Dify's data events (its number and size),
+    which the event's own bytes follow."""
+    return b"e %d %d\n" % (seq, len(event))
 
 
 def _encode(item: Item) -> bytes:
     kind = item[0]
     if kind == "e":
-        return event_item(item[1], item[2])
+        return event_head(item[1], item[2]) + item[2]
     if kind in ("o", "x"):
         text = item[1].encode()
         return b"%b 0 %d\n%b" % (kind.encode(), len(text), text)

@@ -28,7 +28,7 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from . import sse
-from .answers import PING_ITEM, Recorder, event_item
+from .answers import PING_ITEM, Recorder, event_head
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,8 @@ def _read(
     if end.final:
         stats_seq = stats.events
         if answer.recorder is not None:
-            answer.recorder.events([event_item(stats_seq, end.final)], len(end.final))
+            head = event_head(stats_seq, end.final)
+            answer.recorder.events([head, end.final], len(end.final))
         if answer.ids:
             final = sse.with_id(end.final, _event_id(stats, stats_seq))
             if end.reason == "server_restarting":  # come back soon, to whichever instance
@@ -312,7 +313,7 @@ def _read_events(answer: _Answer) -> _End:
                 if kind in TERMINAL_EVENTS:
                     terminal = kind
                 if recorder is not None:
-                    records.append(event_item(seq, event))
+                    records += (event_head(seq, event), event)
                     size += len(event)
                 out.append(sse.with_id(event, b"%b-%d" % (sid, seq)) if ids else event)
             if records:
