@@ -37,6 +37,10 @@ POLL_SECONDS = 0.05  # how often a follower of the local spool looks for more
 FLUSH_SECONDS = 0.01  # how long events wait in memory before the flusher writes them
 BLOCK_MS = 300  # a follower's XREAD wait; under the Redis client's socket timeout
 SWEEP_EVERY_SECONDS = 60.0
+# How often a running answer's Redis key has its expiry set again. Its expiry is the window plus
+# this, so a key outlives its answer's end by at least the window: one EXPIRE per answer every
+# so often, where one per write doubled the commands sent for a slow answer.
+EXPIRE_EVERY_SECONDS = 30.0
 REDIS_PREFIX = "dify-proxy:answer:"
 MAX_ENTRIES = 100_000  # a Redis stream's length cap; the byte cap (RESUME_MAX_BYTES) comes first
 
@@ -163,6 +167,7 @@ class Answers:
         self._flushing = 0
         # Answers with items that never reached Redis: False until a "t" marker was sent.
         self._broken: dict[str, bool] = {}
+        self._expiry_set: dict[str, float] = {}  # by Redis key: when its expiry was last set
         _instances.append(self)
 
     # -- writing ---------------------------------------------------------------------------
@@ -215,8 +220,8 @@ class Answers:
             self._flush(batch)
 
     def _flush(self, batch: list[tuple[str, bytes]]) -> None:
-        """One pipeline for everything queued: an `XADD` per batch of an answer, an `EXPIRE`
-        per answer."""
+        """One pipeline for everything queued: an `XADD` per batch of an answer, and an `EXPIRE`
+        for each answer new to Redis or not renewed for EXPIRE_EVERY_SECONDS."""
         assert self.redis is not None
         if not self._redis_usable():
             for stream_id, _ in batch:
@@ -237,13 +242,22 @@ class Answers:
             key = REDIS_PREFIX + stream_id
             keys.add(key)
             pipe.xadd(key, {"b": data}, maxlen=MAX_ENTRIES, approximate=True)
-        ttl = max(1, int(self.window))
-        for key in keys:
+        ttl = max(1, int(self.window + EXPIRE_EVERY_SECONDS))
+        now = time.monotonic()
+        renewed = [
+            key
+            for key in keys
+            if now - self._expiry_set.get(key, -EXPIRE_EVERY_SECONDS) >= EXPIRE_EVERY_SECONDS
+        ]
+        for key in renewed:
             pipe.expire(key, ttl)
+            self._expiry_set[key] = now
         try:
             pipe.execute()
         except redis.RedisError as exc:
             self._on_redis_error(exc)
+            for key in renewed:
+                del self._expiry_set[key]
             for stream_id, _ in batch:
                 self._broken.setdefault(stream_id, False)
 
@@ -307,11 +321,16 @@ class Answers:
         return source
 
     def _sweep(self) -> None:
-        """Delete spool files older than the window; at most once a minute per process."""
+        """Delete spool files older than the window, and forget answers whose Redis expiry was
+        last set long ago; at most once a minute per process."""
         now = time.time()
         if now - self._swept_at < SWEEP_EVERY_SECONDS:
             return
         self._swept_at = now
+        renewed_before = time.monotonic() - 2 * EXPIRE_EVERY_SECONDS
+        for key, at in list(self._expiry_set.items()):
+            if at < renewed_before:
+                del self._expiry_set[key]
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.spool_dir):
                 with contextlib.suppress(OSError):

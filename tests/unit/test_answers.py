@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from dify_proxy import answers as answers_module
 from dify_proxy.answers import Answers, _decode, _encode, parse_event_id
 
 STREAM = "A" * 22
@@ -132,7 +133,7 @@ class FlakyRedis:
         self.queued.append((key, fields))
 
     def expire(self, key, ttl):
-        pass
+        self.queued.append(("expire", key, ttl))
 
     def execute(self):
         import redis
@@ -155,5 +156,33 @@ def test_an_answer_with_items_lost_to_a_redis_outage_is_marked_unresumable_there
     client.down = False
     answers._flush([batch(("e", 3, b"three"))])
     answers._flush([batch(("e", 4, b"four"), ("x", "completed"))])
-    sent = [item[0] for _, fields in client.sent for item in _decode(fields["b"])[0]]
+    entries = [sent[1] for sent in client.sent if sent[0] != "expire"]
+    sent = [item[0] for fields in entries for item in _decode(fields["b"])[0]]
     assert sent == ["o", "e", "t"]
+
+
+def test_a_running_answer_has_its_redis_expiry_set_once_not_per_write(tmp_path):
+    client = FlakyRedis()
+    answers = Answers(str(tmp_path), window=300, max_bytes=1000, redis_client=client)
+    for n in range(1, 4):
+        answers._flush([(STREAM, _encode(("e", n, b"event")))])
+    expiries = [sent for sent in client.sent if sent[0] == "expire"]
+    assert expiries == [("expire", "dify-proxy:answer:" + STREAM, 330)]
+
+
+def test_a_redis_key_outlives_its_answer_by_at_least_the_window(tmp_path):
+    client = FlakyRedis()
+    answers = Answers(str(tmp_path), window=300, max_bytes=1000, redis_client=client)
+    answers._flush([(STREAM, _encode(("x", "completed")))])
+    (ttl,) = [sent[2] for sent in client.sent if sent[0] == "expire"]
+    assert ttl >= 300 + answers_module.EXPIRE_EVERY_SECONDS
+
+
+def test_an_expiry_lost_to_a_redis_outage_is_set_on_the_next_write(tmp_path):
+    client = FlakyRedis()
+    answers = Answers(str(tmp_path), window=300, max_bytes=1000, redis_client=client)
+    client.down = True
+    answers._flush([(STREAM, _encode(("e", 1, b"event")))])
+    client.down = False
+    answers._flush([(STREAM, _encode(("e", 2, b"event")))])
+    assert [sent[0] for sent in client.sent].count("expire") == 1
