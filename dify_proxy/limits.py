@@ -23,6 +23,9 @@ limiter = Limiter(
     key_func=lambda: g.user_id,
     headers_enabled=True,
     in_memory_fallback_enabled=True,
+    # The limit is counted after the view (see `per_user`); if Redis stops answering by then,
+    # the answer is good and must not become a 500. The failed count is logged instead.
+    swallow_errors=True,
     strategy="fixed-window",
     key_prefix="dify-proxy",
 )

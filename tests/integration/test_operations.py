@@ -4,7 +4,9 @@ through real gunicorn instances against the Dify stand-in."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -198,6 +200,25 @@ def test_when_redis_stops_chat_keeps_working_and_readyz_reports_it(start_proxy, 
     }
     errors = [line for line in proxy.log().splitlines() if "redis unavailable" in line]
     assert 1 <= len(errors) <= 2  # once per interval, per worker (two workers)
+
+
+def test_redis_going_silent_mid_request_is_not_a_500(start_proxy, redis_server, standin):
+    """The rate limit is counted after the view (so that refused input costs nothing); a
+    Redis that stops answering by then used to turn a good answer into a 500 (the benchmark's
+    hold mode, with Redis saturated, lost 238 of 5,000 streams that way)."""
+    proxy = start_proxy(REDIS_URL=redis_server.url, RATE_LIMIT="100/minute")
+    assert ask(proxy, user(14)).status_code == 200  # the limiter is on Redis, not fallen back
+    pool = ThreadPoolExecutor(1)
+    asked = pool.submit(ask, proxy, user(14), header_delay=1.5)
+    time.sleep(0.5)  # past the limiter's check, while the view waits for Dify's head
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        response = asked.result(timeout=30)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+        pool.shutdown()
+    assert response.status_code == 200, proxy.log()[-4000:]
+    assert response.json()["event"] == "message"
 
 
 def test_when_redis_is_down_limits_fall_back_to_the_process(start_proxy, redis_server):
