@@ -35,6 +35,10 @@ Item = tuple[Any, ...]
 LAST_EVENT_ID = re.compile(r"([A-Za-z0-9_-]{22})-(\d{1,9})")
 POLL_SECONDS = 0.05  # how often a follower of the local spool looks for more
 FLUSH_SECONDS = 0.01  # how long events wait in memory before the flusher writes them
+# How often what is queued for Redis is sent: each answer's share becomes one stream entry, so
+# a streaming answer costs one XADD per this interval, not one per spool write. Only a resume on
+# another instance reads Redis (the spool serves this one), and that much later.
+REDIS_SEND_SECONDS = 0.2
 BLOCK_MS = 300  # a follower's XREAD wait; under the Redis client's socket timeout
 SWEEP_EVERY_SECONDS = 60.0
 # How often a running answer's Redis key has its expiry set again. Its expiry is the window plus
@@ -161,10 +165,10 @@ class Answers:
         self._due: collections.deque[Recorder] = collections.deque()  # with events to write
         self._pending: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()  # for Redis
         self._wake = threading.Event()
+        self._send_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._swept_at = 0.0
         self._lock = threading.Lock()
-        self._flushing = 0
         # Answers with items that never reached Redis: False until a "t" marker was sent.
         self._broken: dict[str, bool] = {}
         self._expiry_set: dict[str, float] = {}  # by Redis key: when its expiry was last set
@@ -199,25 +203,28 @@ class Answers:
             self._wake.set()
 
     def _flush_forever(self) -> None:
+        sent_at = 0.0
         while True:
-            self._wake.wait()
+            # With something queued for Redis, wake up in time to send it even if no more comes.
+            self._wake.wait(None if self._pending.empty() else REDIS_SEND_SECONDS)
             self._wake.clear()
             time.sleep(FLUSH_SECONDS)  # what comes meanwhile goes in the same writes
-            self._flushing = 1
-            try:
-                self._flush_once()
-            finally:
-                self._flushing = 0
+            while self._due:
+                self._due.popleft().flush()
+            if time.monotonic() - sent_at >= REDIS_SEND_SECONDS:
+                sent_at = time.monotonic()
+                self._send_redis()
 
-    def _flush_once(self) -> None:
-        while self._due:
-            self._due.popleft().flush()
-        while self.redis is not None and not self._pending.empty():
-            batch: list[tuple[str, bytes]] = []
-            with contextlib.suppress(queue.Empty):
-                while len(batch) < 2000:
-                    batch.append(self._pending.get_nowait())
-            self._flush(batch)
+    def _send_redis(self) -> None:
+        """Send what is queued, an answer's batches joined into one entry (in their order)."""
+        with self._send_lock:  # a worker's last flush and the flusher never interleave
+            while self.redis is not None and not self._pending.empty():
+                joined: dict[str, list[bytes]] = {}
+                with contextlib.suppress(queue.Empty):
+                    while len(joined) < 2000:
+                        stream_id, data = self._pending.get_nowait()
+                        joined.setdefault(stream_id, []).append(data)
+                self._flush([(stream_id, b"".join(parts)) for stream_id, parts in joined.items()])
 
     def _flush(self, batch: list[tuple[str, bytes]]) -> None:
         """One pipeline for everything queued: an `XADD` per batch of an answer, and an `EXPIRE`
@@ -262,13 +269,13 @@ class Answers:
                 self._broken.setdefault(stream_id, False)
 
     def flush(self, timeout: float = 2.0) -> None:
-        """Write what is held now, and wait until what is queued for Redis has been sent (a
-        worker about to exit)."""
+        """Write what is held now, to the spool and to Redis (a worker about to exit); wait at
+        most `timeout` for a send of the flusher's that is under way."""
         while self._due:
             self._due.popleft().flush()
-        deadline = time.monotonic() + timeout
-        while (self._flushing or not self._pending.empty()) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if self._send_lock.acquire(timeout=timeout):
+            self._send_lock.release()
+            self._send_redis()
 
     # -- attaching ---------------------------------------------------------------------------
 

@@ -186,3 +186,15 @@ def test_an_expiry_lost_to_a_redis_outage_is_set_on_the_next_write(tmp_path):
     client.down = False
     answers._flush([(STREAM, _encode(("e", 2, b"event")))])
     assert [sent[0] for sent in client.sent].count("expire") == 1
+
+
+def test_an_answers_batches_queued_between_sends_become_one_redis_entry_in_order(tmp_path):
+    client = FlakyRedis()
+    answers = Answers(str(tmp_path), window=300, max_bytes=1000, redis_client=client)
+    answers.queue_redis(STREAM, _encode(("e", 1, b"one")))
+    answers.queue_redis("B" * 22, _encode(("e", 1, b"other")))
+    answers.queue_redis(STREAM, _encode(("e", 2, b"two")))
+    answers.flush()
+    mine = [sent[1] for sent in client.sent if sent[0] == "dify-proxy:answer:" + STREAM]
+    assert len(mine) == 1
+    assert _decode(mine[0]["b"])[0] == [("e", 1, b"one"), ("e", 2, b"two")]
