@@ -105,6 +105,29 @@ def test_an_unreachable_redis_is_logged_once_per_interval(unreachable, caplog, m
     assert len([r for r in caplog.records if "redis unavailable" in r.getMessage()]) == 1
 
 
+def test_without_redis_configured_redis_is_never_usable():
+    assert local().redis_usable() is False
+
+
+def test_a_configured_redis_is_usable_until_it_fails(unreachable):
+    assert unreachable.redis_usable() is True
+
+
+def test_a_failure_seen_by_another_user_of_redis_backs_the_limits_off_it_too(unreachable):
+    """The answer records share this Redis: their failure puts leases and budgets on local
+    counts at once, without each paying a timeout to find out."""
+    unreachable.redis_failed(redis.ConnectionError("down"))
+    assert unreachable.redis_usable() is False
+    assert unreachable.redis_error == "ConnectionError"
+
+
+def test_redis_is_tried_again_after_the_back_off(unreachable, monkeypatch):
+    unreachable.redis_failed(redis.TimeoutError("slow"))
+    later = time.monotonic() + quotas_module.REDIS_RETRY_SECONDS + 1
+    monkeypatch.setattr(quotas_module.time, "monotonic", lambda: later)
+    assert unreachable.redis_usable() is True
+
+
 def test_check_redis_reports_an_unreachable_redis(unreachable):
     assert unreachable.check_redis() is False
 
