@@ -330,7 +330,7 @@ def _read_events(answer: _Answer) -> _End:
     except Exception as exc:  # noqa: BLE001 -- a silent Dify, a reset, a broken chunk, our close
         if answer.ending is None and answer.reason != "abandoned":
             if isinstance(exc, ReadTimeoutError):
-                return upstream_failed(
+                return _failed_ending(
                     stats,
                     "timeout",
                     504,
@@ -339,14 +339,14 @@ def _read_events(answer: _Answer) -> _End:
                 )
             log.info("dify stream broke: %s", type(exc).__name__)
     if answer.ending is not None:
-        return upstream_failed(stats, *answer.ending)
+        return _failed_ending(stats, *answer.ending)
     if answer.reason == "abandoned":
         return _End("abandoned")
     if terminal == "message_end":
         return _End("completed")
     if terminal == "error":
         return _End("upstream_error")
-    return upstream_failed(
+    return _failed_ending(
         stats,
         "upstream_dropped",
         502,
@@ -390,26 +390,28 @@ def _event_id(stats: StreamStats, seq: int) -> bytes:
     return b"%b-%d" % (stats.stream_id, seq)
 
 
-def upstream_failed(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:
+def _failed_ending(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:
+    """The ending of a stream that failed: `reason` for the logs, and `final_error`'s event."""
+    return _End(reason, final_error(stats, status, code, message))
+
+
+def final_error(stats: StreamStats, status: int, code: str, message: str) -> bytes:
     """End the client's stream the way Dify ends a failed one: a final `error` data event.
 
     Its status is the truthful one (502, 503, 504), not the 400 that Dify's own web template
     looks for: a front end detects the failure by the `error` event type (see the README).
     """
     stats.events += 1
-    return _End(
-        reason,
-        sse.data_event(
-            {
-                "event": "error",
-                "conversation_id": stats.conversation_id,
-                "message_id": stats.message_id,
-                "created_at": int(time.time()),
-                "status": status,
-                "code": code,
-                "message": message,
-            }
-        ),
+    return sse.data_event(
+        {
+            "event": "error",
+            "conversation_id": stats.conversation_id,
+            "message_id": stats.message_id,
+            "created_at": int(time.time()),
+            "status": status,
+            "code": code,
+            "message": message,
+        }
     )
 
 

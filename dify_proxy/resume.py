@@ -16,7 +16,7 @@ from typing import Any
 
 from . import sse
 from .answers import Source
-from .relay import SEEN_EVERY_SECONDS, StreamStats, upstream_failed
+from .relay import SEEN_EVERY_SECONDS, StreamStats, final_error
 
 
 def follow(
@@ -130,13 +130,12 @@ def _follow(
                 yield sse.PING
             if now - heard_at > give_up_after:  # its worker died without an ending
                 stats.end = "upstream_dropped"
-                yield upstream_failed(
+                yield final_error(
                     stats,
-                    "upstream_dropped",
                     502,
                     "upstream_dropped",
                     "The chat service closed the stream early; the answer is incomplete.",
-                ).final
+                )
                 return
     except GeneratorExit:
         stats.end = "client_gone"
@@ -146,10 +145,9 @@ def _follow(
 
 
 def _resume_failed(stats: StreamStats) -> bytes:
-    return upstream_failed(
+    return final_error(
         stats,
-        "resume_incomplete",
         503,
         "resume_incomplete",
         "The rest of this answer can no longer be resumed; please ask again.",
-    ).final
+    )
