@@ -35,7 +35,7 @@ def cut_events(buffer: bytes, scan_from: int = 0) -> tuple[list[bytes], bytes]:
     """
     if b"\r" not in buffer:
         # Dify's own framing, LF only: `bytes.split` finds the blank lines at memchr speed,
-        # where the regex steps through every byte (it was a sixth of the relay's CPU).
+        # where the regex steps through every byte (about 1 us of the relay's 16 us per event).
         first = buffer.find(b"\n\n", max(scan_from, 0))
         if first < 0:
             return [], buffer
@@ -90,15 +90,19 @@ def with_id(event: bytes, event_id: bytes) -> bytes:
     chunk to start with Dify's `data:` line. SSE readers apply an id at dispatch, wherever the
     line stands. Dify's bytes stay as they are, line endings included.
     """
-    end = 2 if event.endswith(b"\r\n") else 1  # the blank line: "\r\n", "\n" or a lone "\r"
-    return b"%bid: %b\n%b" % (event[:-end], event_id, event[-end:])
+    return _with_last_line(event, b"id: " + event_id)
 
 
 def with_retry(event: bytes, milliseconds: int) -> bytes:
     """The event with a `retry:` line added last, which sets how soon an EventSource
     reconnects (with the event's id, to whichever instance answers)."""
-    end = 2 if event.endswith(b"\r\n") else 1
-    return b"%bretry: %d\n%b" % (event[:-end], milliseconds, event[-end:])
+    return _with_last_line(event, b"retry: %d" % milliseconds)
+
+
+def _with_last_line(event: bytes, line: bytes) -> bytes:
+    """`line` inserted before the blank line that ends a whole event, whatever its line ends."""
+    end = 2 if event.endswith(b"\r\n") else 1  # the blank line: "\r\n", "\n" or a lone "\r"
+    return b"%b%b\n%b" % (event[:-end], line, event[-end:])
 
 
 def opening(event_id: bytes) -> bytes:
