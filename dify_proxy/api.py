@@ -23,7 +23,7 @@ from flask import Blueprint, Response, current_app, g, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.datastructures import FileStorage
 
-from . import bodies, metrics
+from . import bodies
 from .auth import require_session
 from .chat import (
     MAX_MESSAGE_CHARS,
@@ -35,7 +35,7 @@ from .chat import (
 )
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
-from .limits import per_user
+from .limits import over_limit, per_user
 from .quotas import Quotas
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -300,12 +300,10 @@ def forward_upload(path: str) -> Response:
     user = g.user_id
     lease = quotas.acquire_upload(user)
     if lease is None:
-        metrics.RATE_LIMITED.labels("uploads").inc()
-        raise ApiError(
-            429,
+        raise over_limit(
+            "uploads",
             "too_many_uploads",
             f"At most {quotas.max_uploads} uploads at a time; wait for one to finish.",
-            {"Retry-After": "5"},
         )
     renewed_at = monotonic()
 

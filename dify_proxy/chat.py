@@ -24,7 +24,7 @@ from .answers import Answers, parse_event_id
 from .auth import require_session
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
-from .limits import per_user
+from .limits import over_limit, per_user
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
 from .resume import follow
@@ -188,22 +188,19 @@ def answer(payload: dict[str, Any]) -> Response:
         metrics.DRAIN.labels("refused").inc()
         raise _restarting()
     if quotas.over_budget(user):
-        metrics.RATE_LIMITED.labels("tokens").inc()
-        raise ApiError(
-            429,
+        raise over_limit(
+            "tokens",
             "token_budget_exceeded",
             "Today's token budget is used up; it renews at 00:00 UTC.",
-            {"Retry-After": str(_seconds_to_midnight_utc())},
+            retry_after=str(_seconds_to_midnight_utc()),
         )
     lease = quotas.acquire_stream(user)
     if lease is None:
-        metrics.RATE_LIMITED.labels("streams").inc()
-        raise ApiError(
-            429,
+        raise over_limit(
+            "streams",
             "too_many_streams",
             f"At most {settings.max_streams_per_user} answers at a time; "
             "wait for one to finish or stop it.",
-            {"Retry-After": "5"},
         )
     streaming = payload["response_mode"] == "streaming"
     done_waiting = waiting_for_dify(greenlet.getcurrent())

@@ -13,6 +13,8 @@ from typing import Any
 from flask import Flask, Response, current_app, g
 from flask_limiter import Limiter
 
+from . import metrics
+from .errors import ApiError
 from .quotas import redis_options
 from .settings import Settings
 
@@ -66,3 +68,9 @@ def keep_explicit_retry_after(response: Response) -> Response:
     elif response.status_code not in (429, 503):
         response.headers.pop("Retry-After", None)
     return response
+
+
+def over_limit(kind: str, code: str, message: str, retry_after: str = "5") -> ApiError:
+    """The 429 of one of the per-user limits (streams, uploads, tokens), counted by `kind`."""
+    metrics.RATE_LIMITED.labels(kind).inc()
+    return ApiError(429, code, message, {"Retry-After": retry_after})
