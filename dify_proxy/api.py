@@ -25,24 +25,25 @@ from werkzeug.datastructures import FileStorage
 
 from . import bodies
 from .auth import require_session
-from .chat import (
-    MAX_MESSAGE_CHARS,
-    STREAM_HEADERS,
-    bad_request,
-    read_json_object,
-    refuse_head,
-    validate_uuid,
-)
+from .chat import MAX_MESSAGE_CHARS, STREAM_HEADERS
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import over_limit, per_user
 from .quotas import Quotas
+from .validation import (
+    bad_request,
+    optional_text,
+    query_limit,
+    query_sort_by,
+    query_uuid,
+    read_json_object,
+    refuse_head,
+    validate_uuid,
+)
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 bp.before_request(refuse_head)
 
-MIN_LIMIT, MAX_LIMIT = 1, 100
-SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
 RATINGS = ("like", "dislike", None)
 MAX_NAME_CHARS = 255  # Dify stores a conversation name in a varchar(255)
 MAX_FEEDBACK_CHARS = 2_000
@@ -70,51 +71,9 @@ def json_answer(upstream: requests.Response) -> Response:
         )
 
 
-# --- query parameters -----------------------------------------------------------------------
-# An empty value counts as absent, as it does for `conversation_id` in /api/chat.
-
-
-def query_uuid(name: str, *, required: bool = False) -> str | None:
-    value = request.args.get(name)
-    if value in (None, ""):
-        if required:
-            raise bad_request(f"{name} is required.")
-        return None
-    return validate_uuid(value, name)
-
-
-def query_limit() -> int | None:
-    value = request.args.get("limit")
-    if value in (None, ""):
-        return None
-    if not re.fullmatch(r"[0-9]{1,3}", value) or not MIN_LIMIT <= int(value) <= MAX_LIMIT:
-        raise bad_request(f"limit must be a whole number from {MIN_LIMIT} to {MAX_LIMIT}.")
-    return int(value)
-
-
-def query_sort_by() -> str | None:
-    value = request.args.get("sort_by")
-    if value in (None, ""):
-        return None
-    if value not in SORT_ORDERS:
-        raise bad_request(f"sort_by must be one of {', '.join(SORT_ORDERS)}.")
-    return value
-
-
 def user_params(**params: Any) -> dict[str, Any]:
     """Query parameters for Dify: the given ones that are set, and the session's user."""
     return {**{k: v for k, v in params.items() if v is not None}, "user": g.user_id}
-
-
-def optional_text(body: dict[str, Any], name: str, max_chars: int) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise bad_request(f"{name} must be a non-blank string.")
-    if len(value) > max_chars:
-        raise bad_request(f"{name} must be at most {max_chars:,} characters.")
-    return value
 
 
 # --- chat -----------------------------------------------------------------------------------

@@ -10,14 +10,12 @@ import functools
 import json
 import logging
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import greenlet
 import requests
 from flask import Blueprint, Response, current_app, g, request
-from werkzeug.exceptions import MethodNotAllowed
 
 from . import jsontext, metrics
 from .answers import Answers, parse_event_id
@@ -28,17 +26,10 @@ from .limits import over_limit, per_user
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
 from .resume import follow
+from .validation import bad_request, read_json_object, refuse_head, validate_uuid
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 log = logging.getLogger(__name__)
-
-
-def refuse_head() -> None:
-    """Flask answers HEAD with the GET view, which here would call Dify (and, for /api/chat,
-    take a stream lease that a HEAD response never gives back). No HEAD reaches Dify."""
-    if request.method == "HEAD" and request.url_rule is not None:
-        allowed = sorted((request.url_rule.methods or set()) - {"HEAD"})
-        raise MethodNotAllowed(valid_methods=allowed)
 
 
 bp.before_request(refuse_head)
@@ -49,42 +40,6 @@ STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
     "X-Accel-Buffering": "no",
 }
-
-
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "invalid_param", message)
-
-
-def read_json_object() -> dict[str, Any]:
-    if not request.is_json:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "Send the request body as Content-Type: application/json.",
-        )
-    raw = request.get_data(cache=False)
-    try:
-        body = jsontext.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise bad_request("The request body is not valid UTF-8.") from None
-    except ValueError as exc:
-        raise bad_request(f"The request body is not valid JSON: {exc}.") from None
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.")
-    return body
-
-
-def validate_uuid(value: Any, name: str) -> str:
-    """Only the canonical form: Dify answers 400 to anything else, after a network round trip."""
-    if isinstance(value, str):
-        try:
-            canonical = str(uuid.UUID(value))
-        except ValueError:
-            pass
-        else:
-            if canonical == value.lower():
-                return canonical
-    raise bad_request(f"{name} must be a UUID such as 3f8e5c1a-9b2d-4e6f-8a7b-1c2d3e4f5a6b.")
 
 
 def chat_payload(body: dict[str, Any], user: str) -> dict[str, Any]:
