@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         lease_seconds=settings.stream_lease_seconds,
         daily_token_budget=settings.daily_token_budget,
         max_uploads=MAX_UPLOADS_PER_USER,
+        count_tokens=any(budget > 0 for budget in settings.any_limit("daily_token_budget")),
     )
     app.extensions["dify_proxy.answers"] = Answers(
         settings.resume_spool_dir or tempfile.mkdtemp(prefix="dify-proxy-answers-"),

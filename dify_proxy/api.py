@@ -28,7 +28,7 @@ from .auth import require_session
 from .chat import MAX_MESSAGE_CHARS, STREAM_HEADERS
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
-from .limits import over_limit, per_user
+from .limits import SLOT_RETRY_SECONDS, over_limit, per_user, user_limit
 from .quotas import Quotas
 from .validation import (
     bad_request,
@@ -231,7 +231,7 @@ def part_type(upload: FileStorage) -> str:
 def uploaded_file() -> tuple[FileStorage, str]:
     """The one multipart `file`, spooled to disk by werkzeug as it arrives (parts over 500 KB
     never sit in memory), with the body cut off at MAX_UPLOAD_BYTES (413) while it is read."""
-    request.max_content_length = current_app.config["SETTINGS"].max_upload_bytes
+    request.max_content_length = user_limit("max_upload_bytes")
     if request.mimetype != "multipart/form-data":
         raise ApiError(
             415,
@@ -262,7 +262,10 @@ def forward_upload(path: str) -> Response:
         raise over_limit(
             "uploads",
             "too_many_uploads",
-            f"At most {quotas.max_uploads} uploads at a time; wait for one to finish.",
+            "Upload limit reached",
+            f"{quotas.max_uploads} at a time",
+            "a slot frees when one of your uploads ends",
+            SLOT_RETRY_SECONDS,
         )
     renewed_at = monotonic()
 

@@ -207,8 +207,23 @@ def session_token() -> str | None:
     return token
 
 
+def plan_in(claims: Mapping[str, Any], path: str) -> str | None:
+    """The plan at the dotted `path` of verified claims, lower-cased; None when any step is
+    missing or the value is not a non-blank string (the user then gets the variables' limits).
+    """
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip().lower()
+
+
 def require_session(view: F) -> F:
-    """Like flaskr's `login_required`: the view runs only with verified claims on `g.claims`."""
+    """Like flaskr's `login_required`: the view runs only with verified claims on `g.claims`,
+    and the user's plan (from those claims alone) on `g.plan`."""
 
     @functools.wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -217,6 +232,7 @@ def require_session(view: F) -> F:
             raise InvalidSession()
         g.claims = current_app.extensions["dify_proxy.verifier"].verify(token)
         g.user_id = g.claims["sub"]
+        g.plan = plan_in(g.claims, current_app.config["SETTINGS"].plan_claim)
         return view(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]

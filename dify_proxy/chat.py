@@ -22,7 +22,7 @@ from .answers import Answers, parse_event_id
 from .auth import require_session
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
-from .limits import over_limit, per_user
+from .limits import SLOT_RETRY_SECONDS, in_words, over_limit, per_user, user_limit
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
 from .resume import follow
@@ -142,20 +142,27 @@ def answer(payload: dict[str, Any]) -> Response:
     if draining():
         metrics.DRAIN.labels("refused").inc()
         raise _restarting()
-    if quotas.over_budget(user):
+    budget = user_limit("daily_token_budget")
+    if quotas.over_budget(user, budget):
+        seconds = _seconds_to_midnight_utc()
         raise over_limit(
             "tokens",
             "token_budget_exceeded",
-            "Today's token budget is used up; it renews at 00:00 UTC.",
-            retry_after=str(_seconds_to_midnight_utc()),
+            "Daily token budget reached",
+            f"{budget} tokens a day",
+            f"it renews at 00:00 UTC, in {in_words(seconds)}",
+            seconds,
         )
-    lease = quotas.acquire_stream(user)
+    max_streams = user_limit("max_streams_per_user")
+    lease = quotas.acquire_stream(user, max_streams)
     if lease is None:
         raise over_limit(
             "streams",
             "too_many_streams",
-            f"At most {settings.max_streams_per_user} answers at a time; "
-            "wait for one to finish or stop it.",
+            "Answer limit reached",
+            f"{max_streams} at a time",
+            "a slot frees when one of your answers ends (or you stop one)",
+            SLOT_RETRY_SECONDS,
         )
     streaming = payload["response_mode"] == "streaming"
     done_waiting = waiting_for_dify(greenlet.getcurrent())

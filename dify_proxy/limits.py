@@ -1,4 +1,5 @@
-"""Per-user request rate limits (Flask-Limiter), keyed by the session's `sub`, never by IP.
+"""Per-user limits: request rates (Flask-Limiter), keyed by the session's `sub`, never by IP;
+each user's values (their plan's, or the variables'); and the 429 every limit answers with.
 
 Limits live in Redis when REDIS_URL is set, so they hold across workers and instances; if Redis
 goes down, Flask-Limiter falls back to in-memory counting with the same limits (per process)
@@ -7,14 +8,17 @@ until it is back.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from flask import Flask, Response, current_app, g
-from flask_limiter import Limiter
+from flask_limiter import Limiter, RateLimitExceeded
 
 from . import metrics
-from .errors import ApiError
+from .errors import ApiError, error_response
 from .quotas import redis_options
 from .settings import Settings
 
@@ -37,8 +41,9 @@ def init_app(app: Flask, settings: Settings) -> None:
     # Registered before Flask-Limiter's own hook, so it runs after it (Flask runs after-request
     # functions in reverse order).
     app.after_request(keep_explicit_retry_after)
+    app.register_error_handler(RateLimitExceeded, _rate_limited)
     app.config.update(
-        RATELIMIT_ENABLED=settings.rate_limit is not None,
+        RATELIMIT_ENABLED=any(rate is not None for rate in settings.any_limit("rate_limit")),
         RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
         RATELIMIT_STORAGE_OPTIONS=redis_options(settings.redis_url) if settings.redis_url else {},
     )
@@ -49,10 +54,18 @@ def init_app(app: Flask, settings: Settings) -> None:
 NOT_COUNTED = frozenset({400, 413, 415})
 
 
+def user_limit(name: str) -> Any:
+    """The session's value of a per-user setting (`max_streams_per_user`, ...): its plan's when
+    PLANS gives its plan one, else the variable's. Needs `@require_session`, which sets g.plan."""
+    return current_app.config["SETTINGS"].limit(name, g.get("plan"))
+
+
 def per_user(exempt_when: Callable[[], bool] = lambda: False) -> Callable[[Any], Any]:
-    """Apply RATE_LIMIT to a view; put it under `@require_session`, which sets the key."""
+    """Apply the user's RATE_LIMIT to a view; put it under `@require_session`, which sets the key
+    and the plan. Counters are per user and per limit string, so a plan's own rate starts a
+    count of its own (in Redis, as any other)."""
     return limiter.limit(
-        lambda: current_app.config["SETTINGS"].rate_limit,  # None: the limiter is disabled
+        lambda: user_limit("rate_limit"),  # None: no limit for this user
         exempt_when=exempt_when,
         deduct_when=lambda response: response.status_code not in NOT_COUNTED,
     )
@@ -70,7 +83,71 @@ def keep_explicit_retry_after(response: Response) -> Response:
     return response
 
 
-def over_limit(kind: str, code: str, message: str, retry_after: str = "5") -> ApiError:
-    """The 429 of one of the per-user limits (streams, uploads, tokens), counted by `kind`."""
+# A stream or upload slot frees when one of the user's own answers or uploads ends, which no
+# one can foresee; a retry costs one Redis call, and answers mostly take longer than this.
+SLOT_RETRY_SECONDS = 5
+
+
+def over_limit(
+    kind: str, code: str, reached: str, allowance: str, renews: str, retry_after: int
+) -> ApiError:
+    """The 429 of every per-user limit, counted by `kind`: which limit, how much the user's plan
+    allows, and when it renews, with the same time in Retry-After. For instance "Daily token
+    budget reached: 20000 tokens a day on the free plan; it renews at 00:00 UTC, in 5 hours."
+    """
     metrics.RATE_LIMITED.labels(kind).inc()
-    return ApiError(429, code, message, {"Retry-After": retry_after})
+    plan = g.get("plan")
+    on_plan = f" on the {plan} plan" if plan in current_app.config["SETTINGS"].plans else ""
+    return ApiError(
+        429,
+        code,
+        f"{reached}: {allowance}{on_plan}; {renews}.",
+        {"Retry-After": str(max(1, retry_after))},
+    )
+
+
+def in_words(seconds: int) -> str:
+    """A wait as a person says it: "42 seconds", "3 minutes", "5 hours 12 minutes"."""
+    if seconds < 90:
+        return _counted(seconds, "second")
+    minutes = math.ceil(seconds / 60)
+    if minutes < 90:
+        return _counted(minutes, "minute")
+    hours, minutes = divmod(minutes, 60)
+    words = _counted(hours, "hour")
+    return f"{words} {_counted(minutes, 'minute')}" if minutes else words
+
+
+def _counted(number: int, unit: str) -> str:
+    return f"{number} {unit}{'' if number == 1 else 's'}"
+
+
+def _rate_limited(error: RateLimitExceeded) -> Response:
+    """Flask-Limiter's 429, in the same words and shape as the other limits'. The window's reset
+    is read from the counter Flask-Limiter checked (in Redis when shared); with several limits
+    (`20/minute;300/day`), the one that keeps the user waiting longest is the one to tell."""
+    item = error.limit.limit
+    retry_after = item.get_expiry()  # if the storage cannot say, a whole window is safe
+    try:
+        waits = [(lim.reset_at, lim.limit) for lim in limiter.current_limits if lim.breached]
+    except redis.RedisError:  # Redis failed since the check
+        waits = []
+    if waits:
+        reset_at, item = max(waits, key=lambda wait: wait[0])
+        retry_after = min(item.get_expiry(), max(1, int(reset_at - time.time())))
+    api_error = over_limit(
+        "rate",
+        "too_many_requests",
+        "Request rate limit reached",
+        f"{item.amount} per {_window_text(item)}",
+        f"it renews in {in_words(retry_after)}",
+        retry_after,
+    )
+    g.retry_after = api_error.headers["Retry-After"]  # see keep_explicit_retry_after
+    return error_response(api_error.status, api_error.code, api_error.message, api_error.headers)
+
+
+def _window_text(item: Any) -> str:
+    """ "minute", "10 seconds": the window as RATE_LIMIT wrote it."""
+    unit = item.GRANULARITY.name
+    return unit if item.multiples == 1 else _counted(item.multiples, unit)

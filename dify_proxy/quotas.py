@@ -70,11 +70,15 @@ class Quotas:
         lease_seconds: float,
         daily_token_budget: int,
         max_uploads: int = 2,
+        count_tokens: bool | None = None,
     ) -> None:
         self.max_streams = max_streams
         self.max_uploads = max_uploads
         self.lease_seconds = lease_seconds
         self.daily_token_budget = daily_token_budget
+        # Whether tokens are counted at all: whenever any user has a budget (a plan's counts),
+        # so that a user whose plan changes mid-day is judged on the whole day.
+        self.count_tokens = daily_token_budget > 0 if count_tokens is None else count_tokens
         self.redis = (
             redis.Redis.from_url(redis_url, **redis_options(redis_url)) if redis_url else None
         )
@@ -126,9 +130,11 @@ class Quotas:
 
     # -- concurrent streams and uploads ------------------------------------------------------
 
-    def acquire_stream(self, user: str) -> str | None:
-        """A lease id, or None when the user already has `max_streams` open."""
-        return self._acquire("streams", user, self.max_streams)
+    def acquire_stream(self, user: str, max_streams: int | None = None) -> str | None:
+        """A lease id, or None when the user already has `max_streams` open (this user's
+        maximum, their plan's; by default the instance's)."""
+        limit = self.max_streams if max_streams is None else max_streams
+        return self._acquire("streams", user, limit)
 
     def renew_stream(self, user: str, lease: str) -> None:
         self._renew("streams", user, lease)
@@ -202,8 +208,11 @@ class Quotas:
 
     # -- daily token budget ------------------------------------------------------------------
 
-    def over_budget(self, user: str) -> bool:
-        return self.daily_token_budget > 0 and self.tokens_used(user) >= self.daily_token_budget
+    def over_budget(self, user: str, budget: int | None = None) -> bool:
+        """Whether the user has used up `budget` tokens today (their plan's; by default the
+        instance's); 0 is no budget."""
+        budget = self.daily_token_budget if budget is None else budget
+        return budget > 0 and self.tokens_used(user) >= budget
 
     def tokens_used(self, user: str) -> int:
         day = _today()
@@ -217,7 +226,7 @@ class Quotas:
             return self._local_tokens.get((user, day), 0)
 
     def add_tokens(self, user: str, tokens: int) -> None:
-        if self.daily_token_budget <= 0 or tokens <= 0:
+        if not self.count_tokens or tokens <= 0:
             return
         day = _today()
         client = self._redis()

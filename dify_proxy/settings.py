@@ -6,11 +6,13 @@ not at 2 a.m. on the first request. Everything else reads the frozen `Settings`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
@@ -62,6 +64,9 @@ class Settings:
     resume_max_bytes: int = 4 * 1024 * 1024
     resume_grace: float = 20.0
     resume_spool_dir: str | None = None
+    plan_claim: str = "app_metadata.plan"
+    # plan name -> {setting name: value}, from PLANS; see `limit`.
+    plans: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
         return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
@@ -73,6 +78,19 @@ class Settings:
     @property
     def jwt_issuer(self) -> str | None:
         return f"{self.supabase_url}/auth/v1" if self.supabase_url else None
+
+    def limit(self, name: str, plan: str | None) -> Any:
+        """The value of setting `name` for a user on `plan`: the plan's own, if PLANS gives
+        that plan one, else the variable's."""
+        overrides = self.plans.get(plan) if plan is not None else None
+        if overrides is not None and name in overrides:
+            return overrides[name]
+        return getattr(self, name)
+
+    def any_limit(self, name: str) -> list[Any]:
+        """Every value `name` takes, the variable's and each plan's (to know whether any user
+        has a rate limit, or a token budget to count for)."""
+        return [getattr(self, name), *(p[name] for p in self.plans.values() if name in p)]
 
 
 def _text(env: Mapping[str, str], name: str) -> str | None:
@@ -107,7 +125,7 @@ def _url(
     return value.rstrip("/")
 
 
-def _count(env: Mapping[str, str], name: str, default: int) -> int:
+def _count(env: Mapping[str, str], name: str, default: int = 0) -> int:
     raw = _text(env, name)
     if raw is None:
         return default
@@ -116,14 +134,14 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
-def _rate_limit(env: Mapping[str, str]) -> str | None:
-    raw = _text(env, "RATE_LIMIT")
+def _rate_limit(env: Mapping[str, str], name: str = "RATE_LIMIT") -> str | None:
+    raw = _text(env, name)
     if raw is None:
         return Settings.rate_limit
     if raw.lower() in ("off", "0", "none"):
         return None
     if not all(_RATE_ITEM.fullmatch(item) for item in raw.split(";")):
-        raise ConfigError("RATE_LIMIT must look like 20/minute;300/day, or be off")
+        raise ConfigError(f"{name} must look like 20/minute;300/day, or be off")
     return raw
 
 
@@ -175,7 +193,7 @@ def _seconds(env: Mapping[str, str], name: str, default: float, zero_ok: bool = 
     return value
 
 
-def _byte_count(env: Mapping[str, str], name: str, default: int) -> int:
+def _byte_count(env: Mapping[str, str], name: str, default: int = 0) -> int:
     raw = _text(env, name)
     if raw is None:
         return default
@@ -244,6 +262,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         resume_max_bytes=_byte_count(env, "RESUME_MAX_BYTES", Settings.resume_max_bytes),
         resume_grace=_seconds(env, "RESUME_GRACE", Settings.resume_grace, zero_ok=True),
         resume_spool_dir=_text(env, "RESUME_SPOOL_DIR"),
+        plan_claim=_plan_claim(env),
+        plans=_plans(env),
     )
 
 
@@ -252,3 +272,71 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
     if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
     return value
+
+
+# The variables a plan may override, each checked by its own parser, as if it were set in the
+# environment: a plan's value means what the variable's does. A new per-user limit joins here.
+PLAN_KEYS: dict[str, Callable[[Mapping[str, str], str], Any]] = {
+    "rate_limit": _rate_limit,
+    "max_streams_per_user": _count,
+    "daily_token_budget": _count,
+    "max_upload_bytes": _byte_count,
+}
+
+
+def _plan_claim(env: Mapping[str, str]) -> str:
+    """The plan decides what a user may spend, so it must be a claim only the project sets:
+    `user_metadata` is editable by the user through supabase-js."""
+    path = _text(env, "PLAN_CLAIM") or Settings.plan_claim
+    parts = path.split(".")
+    if not all(part.strip() == part and part for part in parts):
+        raise ConfigError("PLAN_CLAIM must be a dotted claim path such as app_metadata.plan")
+    if parts[0] == "user_metadata":
+        raise ConfigError(
+            "PLAN_CLAIM must not be in user_metadata, which users can edit themselves; use"
+            " app_metadata or a claim set by a custom access token hook"
+        )
+    return path
+
+
+def _plans(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """PLANS as {plan: {setting: value}}; plan names lower-cased, as the claim is."""
+    raw = _text(env, "PLANS")
+    if raw is None:
+        return {}
+    try:
+        # Numbers keep their literal text, for the variable's own parser to judge.
+        given = json.loads(raw, parse_int=str, parse_float=str)
+    except ValueError:
+        raise ConfigError(
+            'PLANS must be a JSON object such as {"free": {"rate_limit": "10/minute"}}'
+        ) from None
+    if not isinstance(given, dict):
+        raise ConfigError(
+            'PLANS must be a JSON object such as {"free": {"rate_limit": "10/minute"}}'
+        )
+    plans: dict[str, dict[str, Any]] = {}
+    for name, limits in given.items():
+        plan = name.strip().lower()
+        if not plan or plan in plans:
+            raise ConfigError(f"PLANS: plan {name!r} is empty or named twice (names ignore case)")
+        if not isinstance(limits, dict):
+            raise ConfigError(f"PLANS: plan {name!r} must be a JSON object of limits")
+        plans[plan] = {key: _plan_value(name, key, value) for key, value in limits.items()}
+    return plans
+
+
+def _plan_value(plan: str, key: str, value: Any) -> Any:
+    parse = PLAN_KEYS.get(key)
+    where = f"PLANS: plan {plan!r}, {key!r}"
+    if parse is None:
+        raise ConfigError(
+            f"{where} is not a limit a plan can set; use one of {', '.join(PLAN_KEYS)}"
+        )
+    if not isinstance(value, str) or not value.strip():  # numbers arrive as their text
+        raise ConfigError(f"{where} must be a number or a string, as the variable's value")
+    variable = key.upper()
+    try:
+        return parse({variable: value}, variable)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

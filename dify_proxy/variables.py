@@ -173,6 +173,25 @@ VARIABLES: tuple[Variable, ...] = (
         example="0",
     ),
     Variable(
+        "PLAN_CLAIM",
+        LIMITS,
+        "Where a user's plan is in the verified access token: a dotted claim path. The plan is"
+        " the lower-cased string found there; never `user_metadata`, which users can edit.",
+        default="app_metadata.plan",
+        example="app_metadata.plan",
+        more=" A custom access token hook can put it there (see Plans).",
+    ),
+    Variable(
+        "PLANS",
+        LIMITS,
+        "Each plan's own limits, as JSON: plan names to objects whose keys are the lower-case"
+        " names of the variables they override (`rate_limit`, `max_streams_per_user`,"
+        " `daily_token_budget`, `max_upload_bytes`). A user without a plan, or with an unknown"
+        " one, gets the variables' own values.",
+        example='{"free": {"rate_limit": "10/minute", "max_streams_per_user": 1}}',
+        more=" See Plans.",
+    ),
+    Variable(
         "CORS_ORIGINS",
         BROWSERS,
         "Browser origins allowed to call `/api/*` from another origin, exact"

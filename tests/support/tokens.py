@@ -39,6 +39,16 @@ def hs256(secret: str = SECRET, **overrides: Any) -> str:
     return jwt.encode(claims(**overrides), secret, algorithm="HS256")
 
 
+def app_metadata(plan: Any) -> dict[str, Any]:
+    """Server-set metadata carrying a plan, where PLAN_CLAIM looks by default."""
+    return {"provider": "email", "providers": ["email"], "plan": plan}
+
+
+def on_plan(plan: Any, secret: str = SECRET, **overrides: Any) -> str:
+    """A user's token with `plan` in app_metadata (as an admin, or an access token hook, sets)."""
+    return hs256(secret, app_metadata=app_metadata(plan), **overrides)
+
+
 def anon_key(secret: str = SECRET, role: str = "anon") -> str:
     """The project's anon/service_role API key: validly signed, but not a user session."""
     now = int(time.time())

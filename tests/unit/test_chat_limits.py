@@ -90,7 +90,10 @@ def test_a_user_with_every_slot_taken_gets_429_and_dify_is_not_called(
     response = ask(client, auth)
     assert response.status_code == 429
     assert response.json["code"] == "too_many_streams"
-    assert "At most 1 answers" in response.json["message"]
+    assert response.json["message"] == (
+        "Answer limit reached: 1 at a time; a slot frees when one of your answers ends"
+        " (or you stop one)."
+    )
     assert response.headers["Retry-After"] == "5"
     assert chat_mock.call_count == 0
 

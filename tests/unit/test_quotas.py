@@ -468,3 +468,42 @@ def test_a_redis_that_stays_down_is_logged_again_after_each_interval(
         now[0] += 0.5
         unreachable.acquire_stream("u")
     assert len(caplog.records) == 2
+
+
+# -- per-call limits: a user's plan ---------------------------------------------------------
+
+
+def test_a_per_call_maximum_replaces_the_instances():
+    quotas = local(max_streams=1)
+    assert quotas.acquire_stream("u", 2) and quotas.acquire_stream("u", 2)
+    assert quotas.acquire_stream("u", 2) is None
+
+
+def test_a_per_call_maximum_of_zero_is_no_limit():
+    quotas = local(max_streams=1)
+    assert all(quotas.acquire_stream("u", 0) for _ in range(5))
+
+
+def test_a_per_call_budget_replaces_the_instances():
+    quotas = local(budget=100)
+    quotas.add_tokens("u", 10)
+    assert quotas.over_budget("u", 10) and not quotas.over_budget("u", 11)
+    assert not quotas.over_budget("u", 0)
+
+
+def test_tokens_are_counted_for_plans_even_without_a_budget_of_the_instances_own():
+    quotas = Quotas(None, max_streams=1, lease_seconds=60, daily_token_budget=0, count_tokens=True)
+    quotas.add_tokens("u", 7)
+    assert quotas.tokens_used("u") == 7
+
+
+def test_without_any_budget_tokens_are_not_counted():
+    quotas = local(budget=0)
+    quotas.add_tokens("u", 7)
+    assert quotas.tokens_used("u") == 0
+
+
+def test_a_per_call_maximum_holds_across_instances_through_redis(redis_url):
+    a, b = shared(redis_url, max_streams=1), shared(redis_url, max_streams=1)
+    assert a.acquire_stream("u", 2) and b.acquire_stream("u", 2)
+    assert a.acquire_stream("u", 2) is None and b.acquire_stream("u", 3) is not None
