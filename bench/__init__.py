@@ -5,7 +5,8 @@ after another, the summary. Then:
 
 - `targets.py`: what is measured: the proxy under gunicorn, nginx as the baseline, or the
   stand-in itself; all in front of one Dify stand-in per mode;
-- `modes.py`: the load modes (burst, hold, single, healthz, firehose), what each one sends;
+- `modes.py`: the load modes (burst, hold, single, healthz, firehose, resume), what each one
+  sends;
 - `phases.py`: how one target is measured under a mode's load (`Bench`);
 - `load.py`: drives the `loadgen.py` processes and summarises their per-stream timings;
 - `sampling.py`: CPU and RSS of process trees and of the machine, read from /proc;

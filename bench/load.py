@@ -35,17 +35,27 @@ class LoadRun:
         sse: bool = True,
         digest: bool = False,
         notify_open: bool = False,
+        notify_id: bool = False,
         connect_limit: int = 0,
+        pause: float = 0.0,
+        deadline: float | None = None,
     ) -> None:
+        """`pause`: seconds between one request's end and the next one's start on each of the
+        `concurrency` lanes; `deadline`: seconds after GO past which no request is started (the
+        ones left are recorded with the error "deadline")."""
         n = len(requests)
         procs = max(1, min(procs, n))
         self.n = n
         self.deadline = stream_timeout * (1 if not concurrency else math.ceil(n / concurrency))
         self.deadline = min(self.deadline, stream_timeout + 600) + 5
+        if deadline is not None:
+            self.deadline = deadline
         self.gens: list[subprocess.Popen] = []
         self.results: list[dict | None] = [None] * procs
         self.opened = [threading.Event() for _ in range(procs)]
         self.ready = [threading.Event() for _ in range(procs)]
+        self.ids: list[str] = []  # with notify_id: each response's first event id
+        self.id_seen = threading.Event()
         self.readers: list[threading.Thread] = []
         for i in range(procs):
             spec = {
@@ -60,6 +70,8 @@ class LoadRun:
                 "sse": sse,
                 "digest": digest,
                 "notify_open": notify_open,
+                "notify_id": notify_id,
+                "pause": pause,
             }
             gen = spawn(
                 [sys.executable, str(LOADGEN)],
@@ -84,6 +96,9 @@ class LoadRun:
                 self.ready[i].set()
             elif line.startswith("OPEN"):
                 self.opened[i].set()
+            elif line.startswith("ID "):
+                self.ids.append(line[3:].strip())
+                self.id_seen.set()
             elif line.startswith("RESULT "):
                 self.results[i] = json.loads(line[7:])
         self.ready[i].set()
@@ -99,6 +114,10 @@ class LoadRun:
     def wait_open(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
         return all(ev.wait(max(0.0, end - time.monotonic())) for ev in self.opened)
+
+    def first_id(self, timeout: float) -> str | None:
+        """The first event id any response carried (notify_id), or None after `timeout`."""
+        return self.ids[0] if self.id_seen.wait(timeout) else None
 
     def join(self) -> dict[str, Any]:
         end = time.monotonic() + self.deadline + 15

@@ -13,7 +13,8 @@ the same clock in every process on the machine), so run.py can merge processes' 
 Per stream it records: start (just before connect), connected, response head, first `data:`
 byte, end, status, events seen, whether `message_end` arrived and the response ended cleanly
 (terminating zero-length chunk), and optionally a digest of the message events with the ids
-that differ between runs masked out (firehose byte check).
+that differ between runs masked out (firehose byte check). With `notify_id` it prints
+`ID <id>` for the first event id of each response (the resume mode resumes that stream).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 now = time.monotonic
 
 # Fields whose values legitimately differ between two runs of the same stand-in scenario.
+_FIRST_ID = re.compile(rb"(?m)^id: ?([^\r\n]*)\r?\n")
 _MASKS = (
     (re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), b"<uuid>"),
     (re.compile(rb'"created_at":\d+'), b'"created_at":0'),
@@ -47,8 +49,11 @@ def _raise_fd_limit() -> None:
 class Stream(asyncio.Protocol):
     """One request and its response; `done` resolves when the response ends or fails."""
 
-    def __init__(self, request: bytes, done: asyncio.Future, digest: bool, sse: bool) -> None:
+    def __init__(
+        self, request: bytes, done: asyncio.Future, digest: bool, sse: bool, notify_id: bool = False
+    ) -> None:
         self.request, self.done, self.want_digest, self.sse = request, done, digest, sse
+        self.id_head = bytearray() if notify_id else None  # the body's start, until an id line
         self.transport: asyncio.Transport | None = None
         self.t_start = now()
         self.t_connected = self.t_head = self.t_first = self.t_end = None
@@ -120,7 +125,7 @@ class Stream(asyncio.Protocol):
                     self.chunked = True
                 elif name == "content-length":
                     self.length = int(value.strip())
-            if self.length == 0:
+            if self.length == 0 or self.status in (204, 304):  # no body, by definition
                 self.ended = True
                 self._finish(None)
                 return
@@ -132,7 +137,7 @@ class Stream(asyncio.Protocol):
             take = data[: self.length]
             self.length -= len(take)
             self._body(take)
-            if self.length == 0:
+            if self.length == 0 or self.status in (204, 304):  # no body, by definition
                 self.ended = True
                 self._finish(None)
         else:
@@ -182,6 +187,13 @@ class Stream(asyncio.Protocol):
             return
         if self.t_first is None and b"data:" in self.tail + data:
             self.t_first = now()
+        if self.id_head is not None:
+            self.id_head += data
+            if match := _FIRST_ID.search(self.id_head):
+                print(f"ID {match[1].decode('latin-1')}", flush=True)
+                self.id_head = None
+            elif len(self.id_head) > 65536:
+                self.id_head = None
         self.tail = data[-4:]
         if self.digest is not None:
             # firehose: keep the bytes and parse them after the end time is taken, so the
@@ -281,7 +293,9 @@ async def one(
 ) -> list:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    stream = Stream(request, done, spec.get("digest", False), spec.get("sse", True))
+    stream = Stream(
+        request, done, spec.get("digest", False), spec.get("sse", True), spec.get("notify_id", 0)
+    )
     try:
         if connect_sem is not None:
             async with connect_sem:

@@ -5,19 +5,26 @@ ones (see bench/README.md for what each mode stands for).
 - `hold`: thousands of slow streams held open at once (and RSS per open stream);
 - `single`: one stream at a time (the latency the proxy adds);
 - `healthz`: GET /healthz while streams are open;
-- `firehose`: one stream of back-to-back events (wall time, and the bytes compared with nginx's).
+- `firehose`: one stream of back-to-back events (wall time, and the bytes compared with nginx's);
+- `resume`: many clients resuming one long live answer, half of them never reading (the proxy
+  alone: nginx cannot resume; its baselines are the idle proxy and the answer with no resumers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
 import statistics
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from bench.load import LoadRun, percentile
 from bench.phases import Bench
-from bench.targets import Target
+from bench.sampling import RedisClientsSampler, RssSampler, idle_rss_by_pid, tree_cpu
+from bench.targets import Proxy, Target, next_user
 
 
 def streams_against_each_target(
@@ -183,10 +190,189 @@ def firehose(bench: Bench) -> dict[str, Any]:
     }
 
 
+RESUME_PAD = 10_000  # bytes of padding per answer event: 360 of them make about 3.7 MB, just
+# under RESUME_MAX_BYTES (4 MB), so the whole answer stays resumable
+
+
+def resume(bench: Bench) -> dict[str, Any]:
+    """One client asks for a long answer (with event ids); `--resume-at` of the way through it,
+    `--resumers` clients resume it from `<stream>-0` as the same user: half read everything,
+    half send their request and never read a byte, so the proxy's writes to them back up."""
+    n = bench.args.resumers
+    events, interval = bench.events_and_interval(360, 0.1)
+    knobs = {"events": events, "interval": interval, "pad": RESUME_PAD}
+    lasts = events * interval
+    readers_n, unread_n = n // 2, n - n // 2
+    redis_url = bench.proxy_env.get("REDIS_URL")
+    # with Redis, the resumers come back on another instance: what Redis is there for
+    elsewhere = (bench.args.resume_on or ("other" if redis_url else "same")) == "other"
+    second: list[Proxy] = []
+
+    def load(asked_on: Target) -> tuple[dict, dict]:
+        assert isinstance(asked_on, Proxy)
+        t = second[0] if second else asked_on  # where the resumers go, and what is measured
+        user = next_user()  # a resume is only ever the asker's
+        idle = idle_rss_by_pid(t.root_pid)
+        redis = RedisClientsSampler(redis_url) if redis_url else None
+        redis_idle = redis.clients() if redis else None
+        original = LoadRun(
+            asked_on,
+            [asked_on.chat_request(knobs, user)],
+            stream_timeout=lasts + 90,
+            digest=True,
+            notify_id=True,
+        ).go()
+        first_id = original.first_id(30)
+        if first_id is None:
+            raise RuntimeError("resume: the answer sent no event id within 30 s")
+        from_id = first_id.rsplit("-", 1)[0] + "-0"
+        # late in the answer, so that each resume has most of it to catch up on
+        start_at = original.t_go + bench.args.resume_at * lasts
+        time.sleep(max(0.0, start_at - 3.0 - time.monotonic()))
+        quiet = healthz_probes(t, 3.0).go().join()  # the answer alone: the baseline
+        request = t.resume_request(user, from_id)
+        readers = LoadRun(
+            t, [request] * readers_n, procs=bench.args.procs, stream_timeout=lasts + 60, digest=True
+        )
+        unread: list[socket.socket] = []
+        cpu0 = tree_cpu(t.root_pid)
+        with (
+            RssSampler(t.root_pid) as rss,
+            redis if redis else contextlib.nullcontext(),
+            contextlib.ExitStack() as closing,
+        ):
+            for _ in range(unread_n):
+                unread.append(closing.enter_context(send_and_never_read(t.port, request)))
+            readers.go()
+            remaining = original.t_go + lasts - time.monotonic()
+            busy = healthz_probes(t, max(remaining, 3.0)).go().join()
+            res = readers.join()
+            answer = original.join()
+            unread_status = Counter(str(peek_status(s)) for s in unread)
+            cpu = tree_cpu(t.root_pid) - cpu0
+        time.sleep(2)  # the workers notice the closed sockets
+        after = idle_rss_by_pid(t.root_pid)
+        workers = sorted(set(t.worker_pids()) & set(idle))
+        asked = answer["streams"][0]
+        whole = [
+            s
+            for s in res["streams"]
+            if s["ok"] and s["digest"] == asked["digest"] and s["msg_events"] == events
+        ]
+        for part in (answer, quiet, busy):
+            res["loadgen_cpu_s"] += part["loadgen_cpu_s"]
+            res["loadgen_cpu_total_s"] += part["loadgen_cpu_total_s"]
+        res["t_go"] = readers.t_go
+        extra = {
+            # the common figures' RSS and CPU are the asker's instance's; these, the resumers'
+            "resumed_on_asker_instance": t is asked_on,
+            "resumers_instance_cpu_s": cpu,
+            "answer_ok": asked["ok"] and asked["msg_events"] == events,
+            "answer_error": asked["error"],
+            "answer_data_bytes": asked["data_bytes"],
+            "answer_wall_s": (asked["t_end"] or 0) - asked["t_start"],
+            "workers_rss_idle": [idle[p] for p in workers],
+            "workers_rss_peak": [rss.peak_by_pid.get(p, 0) for p in workers],
+            "workers_rss_after": [after.get(p, 0) for p in workers],
+            "rss_idle": sum(idle.values()),
+            "rss_peak": rss.peak,
+            "rss_after": sum(after.values()),
+            "rss_per_resumer_kb": (rss.peak - sum(idle.values())) / n / 1024,
+            "healthz_quiet": probe_figures(quiet),
+            "healthz_resumers": probe_figures(busy),
+            "redis_clients_idle": redis_idle,
+            "redis_clients_peak": redis.peak if redis else None,
+            "redis_sample_errors": redis.errors if redis else None,
+            "readers_whole": len(whole),
+            "readers_204": sum(1 for s in res["streams"] if s["status"] == 204),
+            "readers_other": dict(
+                Counter(
+                    (s["error"] or "not_identical").split(":")[0]
+                    for s in res["streams"]
+                    if s not in whole and s["status"] != 204
+                )
+            ),
+            "unread_status": dict(unread_status),
+        }
+        return res, extra
+
+    with bench.mode_standin() as standin:
+        target = bench.start_target("proxy")
+        try:
+            if elsewhere:
+                second.append(
+                    Proxy(
+                        standin,
+                        bench.tmp,
+                        bench.args.workers,
+                        bench.proxy_env,
+                        secret=target.secret,
+                        log_name="gunicorn-resumes.log",
+                    )
+                )
+                bench.warm_up(second[0])
+            measured = bench.measure(target, lambda: load(target))
+        finally:
+            for proxy in (target, *second):
+                proxy.stop()
+    params = {"resumers": n, "readers": readers_n, "unread": unread_n, **knobs}
+    params["resumed_on"] = "another instance" if elsewhere else "the asker's instance"
+    params["resume_at_s"] = bench.args.resume_at * lasts
+    return {"params": {**params, "redis": bool(redis_url)}, "targets": {"proxy": measured}}
+
+
+def healthz_probes(t: Target, seconds: float, pause: float = 0.05) -> LoadRun:
+    """Sequential GET /healthz, `pause` apart, for `seconds`."""
+    n = math.ceil(seconds / pause)
+    return LoadRun(
+        t,
+        [t.healthz_request()] * n,
+        concurrency=1,
+        stream_timeout=5,
+        sse=False,
+        pause=pause,
+        deadline=seconds,
+    )
+
+
+def probe_figures(res: dict) -> dict[str, Any]:
+    sent = [p for p in res["streams"] if p["error"] != "deadline"]  # not past the time given
+    lat = [(p["t_end"] - p["t_start"]) * 1000 for p in sent if p["ok"]]
+    return {
+        "probes": len(sent),
+        "failed": sum(1 for p in sent if not p["ok"]),
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
+        "max_ms": max(lat) if lat else None,
+    }
+
+
+@contextlib.contextmanager
+def send_and_never_read(port: int, request: str):  # noqa: ANN201
+    """A client that sends its request and reads nothing: the proxy's writes fill the socket
+    buffers, and then they block."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(request.encode("latin-1"))
+        yield sock
+    finally:
+        sock.close()
+
+
+def peek_status(sock: socket.socket) -> int | None:
+    """The status of the response waiting unread in the socket, leaving it unread."""
+    with contextlib.suppress(OSError):
+        head = sock.recv(12, socket.MSG_PEEK | socket.MSG_DONTWAIT).split()
+        if len(head) == 2 and head[1].isdigit():
+            return int(head[1])
+    return None
+
+
 MODES: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "burst": burst,
     "hold": hold,
     "single": single,
     "healthz": healthz,
     "firehose": firehose,
+    "resume": resume,
 }

@@ -64,7 +64,73 @@ ROWS: dict[str, list[tuple[str, str, float, int, bool]]] = {
 }
 
 
+def print_resume(res: dict[str, Any]) -> None:
+    """The proxy alone (nginx cannot resume): each figure against the same proxy with nothing
+    to resume (RSS idle, before the answer) or with the answer and no resumers (/healthz)."""
+    p, r = res["params"], res["targets"]["proxy"]
+    size = r["answer_data_bytes"] / MB
+    print(
+        f"\n== resume: 1 live answer ({p['events']} events {p['interval']} s apart, "
+        f"{size:.1f} MB), resumed from <stream>-0 {p['resume_at_s']:.0f} s into it by "
+        f"{p['resumers']} clients of the same user: "
+        f"{p['readers']} read everything, {p['unread']} never read; "
+        f"Redis: {'yes' if p['redis'] else 'no'}; resumers on {p['resumed_on']} (measured)"
+    )
+    print(f"{'':34}{'baseline':>12}{'resumers':>12}{'after close':>13}{'resumers/baseline':>19}")
+
+    def row(label: str, a: Any, b: Any, c: Any = None, nd: int = 1, rated: bool = True) -> None:
+        rat = ratio(b, a) if rated and isinstance(a, (int, float)) else None
+        shown = figure(rat, 2) + "x" if rat else ""
+        print(f"{label:34}{figure(a, nd):>12}{figure(b, nd):>12}{figure(c, nd):>13}{shown:>19}")
+
+    row("RSS MB, master + workers", r["rss_idle"] / MB, r["rss_peak"] / MB, r["rss_after"] / MB)
+    for i, idle in enumerate(r["workers_rss_idle"]):
+        peak, after = r["workers_rss_peak"][i], r["workers_rss_after"][i]
+        row(f"RSS MB, worker {i + 1}", idle / MB, peak / MB, after / MB)
+    q, b = r["healthz_quiet"], r["healthz_resumers"]
+    row("/healthz p50 ms", q["p50_ms"], b["p50_ms"], nd=2)
+    row("/healthz p99 ms", q["p99_ms"], b["p99_ms"], nd=2)
+    row("/healthz max ms", q["max_ms"], b["max_ms"], nd=2)
+    row("/healthz probes", q["probes"], b["probes"], nd=0, rated=False)
+    row("/healthz probes failed", q["failed"], b["failed"], nd=0, rated=False)
+    if p["redis"]:
+        row("Redis connected_clients, peak", r["redis_clients_idle"], r["redis_clients_peak"], nd=0)
+    else:
+        row("Redis connected_clients, peak", "n/a", "n/a")
+    print(
+        "  baselines: RSS of the idle proxy before the answer; /healthz with the answer "
+        "streaming and no resumers; Redis clients with the proxy idle (the bench's own "
+        "connection is one of them)"
+    )
+    print(f"{'RSS per resumer KB, (peak-idle)/N':34}{r['rss_per_resumer_kb']:>12,.1f}")
+    print(f"{'CPU s while resumed':34}{r['resumers_instance_cpu_s']:>12,.2f}")
+    print(
+        f"readers: {r['readers_whole']} of {p['readers']} got the whole answer byte-identical to "
+        f"the asker's (digest of every data line); {r['readers_204']} got a 204; other: "
+        f"{r['readers_other'] or 'none'}"
+    )
+    print(f"never-reading clients, status waiting in their socket at close: {r['unread_status']}")
+    print(
+        f"readers' response head p99 {figure(r['head_p99_ms'], 0)} ms, first event p50/p99 "
+        f"{figure(r['ttfe_p50_ms'], 0)}/{figure(r['ttfe_p99_ms'], 0)} ms (the answer lasts "
+        f"{figure(r['answer_wall_s'], 1)} s; the asker's stream "
+        f"{'whole' if r['answer_ok'] else 'BROKEN: ' + str(r['answer_error'])})"
+    )
+    if (r.get("other_cpu_pct_of_machine") or 0) > 15:
+        print(
+            f"  NOISY: other processes used {r['other_cpu_pct_of_machine']:.0f}% of the machine "
+            "during the run; its figures are not clean"
+        )
+    if r.get("proxy_log_lines"):
+        print(f"  proxy wrote {r['proxy_log_lines']} log lines, most common:")
+        for line, count in r["proxy_log_sample"]:
+            print(f"    {count:6d} x {line}")
+
+
 def print_mode(mode: str, res: dict[str, Any], baseline: str) -> None:
+    if mode == "resume":
+        print_resume(res)
+        return
     p = res["params"]
     if mode in ("burst", "hold"):
         held = "concurrent streams" if mode == "burst" else "streams held open at once"
@@ -202,6 +268,30 @@ def verdicts(results: dict[str, Any], baseline: str) -> list[tuple[str, str, str
                 f"firehose {r['params']['events']:,} events: wall <= 1.5x {baseline}",
                 f"{figure(p['median_wall_s'], 3)} s vs {figure(b['median_wall_s'], 3)} s = "
                 f"{figure(rat, 2)}x, bytes {'identical' if same else 'DIFFER'}",
+                ok,
+            )
+        )
+    if "resume" in results and "targets" in results["resume"]:
+        r = results["resume"]
+        p = r["targets"]["proxy"]
+        kb, p99 = p["rss_per_resumer_kb"], p["healthz_resumers"]["p99_ms"]
+        broken = (
+            r["params"]["readers"]
+            - p["readers_whole"]
+            - sum(
+                count
+                for reason, count in p["readers_other"].items()
+                if reason.startswith("status_4")
+            )
+        )
+        ok = broken == 0 and kb < 500 and p99 is not None and p99 < 50
+        rows.append(
+            (
+                "resume",
+                f"resume {r['params']['resumers']}: readers whole or refused (4xx), "
+                "< 500 KB per resumer, healthz p99 < 50 ms",
+                f"{p['readers_whole']}/{r['params']['readers']} whole, {p['readers_204']} x 204, "
+                f"{kb:,.0f} KB/resumer, p99 {figure(p99, 1)} ms",
                 ok,
             )
         )

@@ -1,7 +1,7 @@
 """Load benchmark: the proxy (gunicorn + gevent, as the Procfile runs it) against nginx as a bare
 reverse proxy, both in front of the same local Dify stand-in, on this machine, in one run.
 
-    .venv/bin/python bench/run.py [--mode burst|hold|single|healthz|firehose|all] [--streams N]
+    .venv/bin/python bench/run.py [--mode burst|hold|single|healthz|firehose|resume|all]
 
 (`bench/run` sets up the venv and nginx first.) Every mode starts a fresh stand-in, then the
 proxy, measures it, stops it, then nginx, measures it, stops it. Load comes from
@@ -41,7 +41,14 @@ from bench.report import print_mode, print_summary  # noqa: E402
 from bench.sampling import CORES  # noqa: E402
 from bench.targets import GUNICORN_BACKLOG, NGINX_BACKLOG  # noqa: E402
 
-TIME_LIMITS = {"burst": 180, "hold": 360, "single": 240, "healthz": 300, "firehose": 240}
+TIME_LIMITS = {
+    "burst": 180,
+    "hold": 360,
+    "single": 240,
+    "healthz": 300,
+    "firehose": 240,
+    "resume": 240,
+}
 
 
 class ModeTimeout(Exception):
@@ -57,12 +64,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--streams", type=int, help="streams for burst (1000), hold (5000), healthz (1000)"
     )
     ap.add_argument(
-        "--events", type=int, help="events per stream for burst/hold/healthz (20 / 30 / 60)"
+        "--events",
+        type=int,
+        help="events per stream for burst/hold/healthz/resume (20 / 30 / 60 / 360)",
     )
     ap.add_argument(
         "--interval",
         type=float,
-        help="seconds between events for burst/hold/healthz (0.05 / 1.0 / 0.5)",
+        help="seconds between events for burst/hold/healthz/resume (0.05 / 1.0 / 0.5 / 0.1)",
+    )
+    ap.add_argument(
+        "--resumers",
+        type=int,
+        default=100,
+        help="resume: clients resuming the one live answer (half of them never read)",
+    )
+    ap.add_argument(
+        "--resume-at",
+        type=float,
+        default=0.75,
+        help="resume: how far through the answer (0-1) the resumers come",
+    )
+    ap.add_argument(
+        "--resume-on",
+        choices=("same", "other"),
+        help="resume: the asker's proxy instance or a second one sharing its Redis "
+        "(default: other with REDIS_URL in --proxy-env, else same)",
     )
     ap.add_argument("--single-count", type=int, default=200)
     ap.add_argument("--probes", type=int, default=200, help="healthz probes")
@@ -186,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if bench.proxy_env:
         print(f"NOTE: extra proxy environment (not the Procfile's): {bench.proxy_env}")
-    if bench.baseline == "direct":
+    if bench.baseline == "direct" and modes != ["resume"]:  # resume measures the proxy alone
         why = "--baseline direct" if args.baseline == "direct" else "nginx is not available"
         print(
             f"NOTE: {why}, so the baseline is the Dify stand-in itself (direct, no reverse "

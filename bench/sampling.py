@@ -1,5 +1,6 @@
 """Measurements read from /proc: CPU seconds and RSS of a process tree, how busy the whole
-machine is, and a thread that keeps a tree's peak RSS while a phase runs."""
+machine is, and a thread that keeps a tree's peak RSS (in all and per process) while a phase
+runs; and one that keeps the peak of a Redis server's connected clients."""
 
 from __future__ import annotations
 
@@ -44,7 +45,11 @@ def tree_pids(root: int) -> list[int]:
 
 
 def tree_rss(root: int) -> int:
-    return sum((st[2] for pid in tree_pids(root) if (st := proc_stat(pid))), 0)
+    return sum(tree_rss_by_pid(root).values())
+
+
+def tree_rss_by_pid(root: int) -> dict[int, int]:
+    return {pid: st[2] for pid in tree_pids(root) if (st := proc_stat(pid))}
 
 
 def tree_cpu(root: int) -> float:
@@ -83,20 +88,24 @@ def pid_cpu(pid: int) -> float:
 
 
 class RssSampler:
-    """Sum of RSS over a process tree every 50 ms, in a thread; keeps the peak."""
+    """Sum of RSS over a process tree every 50 ms, in a thread; keeps the peak, and each
+    process's own peak."""
 
     def __init__(self, root: int, period: float = 0.05) -> None:
         self.root, self.period = root, period
         self.peak = 0
+        self.peak_by_pid: dict[int, int] = {}
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = tree_rss(self.root)
+            by_pid = tree_rss_by_pid(self.root)
             self.samples += 1
-            self.peak = max(self.peak, rss)
+            self.peak = max(self.peak, sum(by_pid.values()))
+            for pid, rss in by_pid.items():
+                self.peak_by_pid[pid] = max(self.peak_by_pid.get(pid, 0), rss)
             self._stop.wait(self.period)
 
     def __enter__(self) -> RssSampler:
@@ -109,9 +118,52 @@ class RssSampler:
 
 
 def idle_rss(root: int, seconds: float = 0.5) -> int:
-    samples = []
+    return sum(idle_rss_by_pid(root, seconds).values())
+
+
+def idle_rss_by_pid(root: int, seconds: float = 0.5) -> dict[int, int]:
+    """Each process's median RSS over `seconds` (the tree's processes at the first sample)."""
+    samples: dict[int, list[int]] = {pid: [] for pid in tree_pids(root)}
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        samples.append(tree_rss(root))
+        for pid, rss in tree_rss_by_pid(root).items():
+            if pid in samples:
+                samples[pid].append(rss)
         time.sleep(0.05)
-    return int(statistics.median(samples))
+    return {pid: int(statistics.median(s)) for pid, s in samples.items() if s}
+
+
+class RedisClientsSampler:
+    """`connected_clients` from a Redis server's `INFO clients` every 100 ms, in a thread; keeps
+    the peak. Its own connection is one of the clients it counts."""
+
+    def __init__(self, url: str, period: float = 0.1) -> None:
+        import redis  # the app's requirement; only this sampler needs it
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2)
+        self.period = period
+        self.peak = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def clients(self) -> int | None:
+        try:
+            return int(self.client.info("clients")["connected_clients"])
+        except Exception:  # noqa: BLE001 - a sample lost, counted; the run goes on
+            self.errors += 1
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.clients() or 0)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> RedisClientsSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()

@@ -113,12 +113,20 @@ class Proxy(Target):
     name = "proxy"
 
     def __init__(
-        self, standin: StandIn, tmp: Path, workers: int, extra_env: dict[str, str]
+        self,
+        standin: StandIn,
+        tmp: Path,
+        workers: int,
+        extra_env: dict[str, str],
+        *,
+        secret: str | None = None,
+        log_name: str = "gunicorn.log",
     ) -> None:
+        """`secret`: another instance's, so that the same users' tokens work on both."""
         super().__init__(standin)
-        self.secret = secrets.token_urlsafe(32)
+        self.secret = secret or secrets.token_urlsafe(32)
         self.port = free_port()
-        self.log_path = tmp / "gunicorn.log"
+        self.log_path = tmp / log_name
         if (ROOT / ".env").exists():
             log("note: .env exists; load_dotenv adds its variables that this run does not set")
         env = {
@@ -150,6 +158,15 @@ class Proxy(Target):
     def chat_request(self, knobs: dict[str, Any], user: str) -> str:
         token = mint_dev_token(self.secret, sub=user, ttl=4 * 3600)
         return self._post({"message": "bench", "inputs": {"_standin": knobs}}, token)
+
+    def resume_request(self, user: str, last_event_id: str) -> str:
+        """What an EventSource sends when it reconnects: a GET with the last id it saw."""
+        token = mint_dev_token(self.secret, sub=user, ttl=4 * 3600)
+        return (
+            f"GET {self.chat_path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n"
+            f"Last-Event-ID: {last_event_id}\r\n\r\n"
+        )
 
     def log_lines(self) -> list[str]:
         try:
