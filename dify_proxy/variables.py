@@ -205,6 +205,16 @@ VARIABLES: tuple[Variable, ...] = (
         not_in_app_json="only for the local stand-in; refused against a real Dify",
     ),
     Variable(
+        "DEV_TOKEN_SECRET",
+        BROWSERS,
+        "With `DEV_TOKENS`, the secret dev tokens are signed with (32 bytes or more); it must"
+        " not be `SUPABASE_JWT_SECRET`, so a dev token is never a real session. `scripts/run`"
+        " makes a fresh one per run.",
+        default_text="none (required with `DEV_TOKENS=1`)",
+        secret=True,
+        not_in_app_json="only for the local stand-in, with DEV_TOKENS",
+    ),
+    Variable(
         "RESUME_WINDOW",
         RESUME,
         "Seconds an answer's events are kept after it ends, so a client that lost its"
