@@ -307,3 +307,30 @@ def test_a_request_id_is_generated_when_absent_or_unsafe(start_proxy):
     )
     assert re.fullmatch(r"[0-9a-f]{32}", plain.headers["X-Request-ID"])
     assert re.fullmatch(r"[0-9a-f]{32}", unsafe.headers["X-Request-ID"])
+
+
+# -- temporary directories -------------------------------------------------------------------
+
+
+def test_no_temporary_directory_outlives_the_server_even_after_a_reload(start_proxy, tmp_path):
+    """gunicorn.conf.py makes the metrics and spool directories; a SIGHUP (reload) re-reads
+    that file, and the server must still remove them when it stops."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proxy = start_proxy(TMPDIR=str(tmp))
+    made = sorted(p.name for p in tmp.glob("dify-proxy-*"))
+    assert [name.rsplit("-", 1)[0] for name in made] == [
+        "dify-proxy-answers",
+        "dify-proxy-metrics",
+    ]
+    old_workers = set(processes.children(proxy.process.pid))
+
+    proxy.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while (workers := set(processes.children(proxy.process.pid))) & old_workers or not workers:
+        assert time.monotonic() < deadline, "gunicorn did not reload its workers"
+        time.sleep(0.1)
+    assert requests.get(f"{proxy.url}/healthz", timeout=5).ok
+    processes.stop(proxy.process)
+
+    assert list(tmp.glob("dify-proxy-*")) == []
