@@ -168,7 +168,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "DAILY_TOKEN_BUDGET",
         LIMITS,
-        "Model tokens per user per UTC day, counted from Dify's usage reports; `0` is off.",
+        "Model tokens per user per UTC day, counted from Dify's usage reports (answers nobody"
+        " reads included; see Resumable answers); `0` is off.",
         default="0",
         example="0",
     ),
