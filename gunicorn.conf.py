@@ -93,10 +93,16 @@ _own_spool_dir = not os.environ.get("RESUME_SPOOL_DIR")
 
 
 def when_ready(server):
+    # The directories made here are listed on the arbiter, which outlives a reload: SIGHUP
+    # re-reads this file, and the re-read sees them in the environment as if someone had named
+    # them, so module variables could not tell on_exit to remove them.
+    made = server.__dict__.setdefault("dify_proxy_made_dirs", [])
     if _own_metrics_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-metrics-")
+        made.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     if _own_spool_dir:
         os.environ["RESUME_SPOOL_DIR"] = tempfile.mkdtemp(prefix="dify-proxy-answers-")
+        made.append(os.environ["RESUME_SPOOL_DIR"])
 
 
 def post_worker_init(worker):
@@ -159,7 +165,5 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _own_metrics_dir and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-    if _own_spool_dir and os.environ.get("RESUME_SPOOL_DIR"):
-        shutil.rmtree(os.environ["RESUME_SPOOL_DIR"], ignore_errors=True)
+    for directory in getattr(server, "dify_proxy_made_dirs", ()):
+        shutil.rmtree(directory, ignore_errors=True)

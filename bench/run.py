@@ -8,7 +8,7 @@ proxy, measures it, stops it, then nginx, measures it, stops it. Load comes from
 bench/loadgen.py processes (asyncio, raw sockets), so no measuring code shares a GIL with the
 proxy. Results: text tables on stdout and the same figures as JSON in bench/results/.
 This file is the entry and the run's outline; the pieces are the modules beside it (see
-bench/__init__.py). Standard library only (plus `dify_proxy.dev.mint_dev_token`, i.e. PyJWT,
+bench/__init__.py). Standard library only (plus `dify_proxy.devtokens.mint`, i.e. PyJWT,
 for the user token).
 """
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.processes import free_port, http_get, log, spawn, stop_group, wait_http
 from bench.sampling import pid_cpu, tree_pids
-from dify_proxy.dev import mint_dev_token
+from dify_proxy.devtokens import mint
 
 ROOT = Path(__file__).resolve().parents[1]
 GUNICORN_BACKLOG = 4096  # `backlog` in gunicorn.conf.py
@@ -156,7 +156,7 @@ class Proxy(Target):
         return [p for p in tree_pids(self.proc.pid) if p != self.proc.pid]
 
     def chat_request(self, knobs: dict[str, Any], user: str) -> str:
-        token = mint_dev_token(self.secret, sub=user, ttl=4 * 3600)
+        token = mint(self.secret, sub=user, ttl=4 * 3600)
         return self._post({"message": "bench", "inputs": {"_standin": knobs}}, token)
 
     def resume_request(self, user: str, last_event_id: str) -> str:

@@ -51,8 +51,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         max_uploads=MAX_UPLOADS_PER_USER,
         count_tokens=any(budget > 0 for budget in settings.any_limit("daily_token_budget")),
     )
+    spool_dir = settings.resume_spool_dir
+    if spool_dir is None:
+        # Without gunicorn.conf.py (tests, `flask run`), a directory of the app's own, removed
+        # with the app or at exit: one per app made and left behind fills the temp dir.
+        scratch = tempfile.TemporaryDirectory(prefix="dify-proxy-answers-")
+        app.extensions["dify_proxy.spool_scratch"] = scratch
+        spool_dir = scratch.name
     app.extensions["dify_proxy.answers"] = Answers(
-        settings.resume_spool_dir or tempfile.mkdtemp(prefix="dify-proxy-answers-"),
+        spool_dir,
         window=settings.resume_window,
         max_bytes=settings.resume_max_bytes,
         redis_client=quotas.redis,

@@ -22,6 +22,7 @@ import jwt
 from flask import current_app, g, request
 
 from . import jsontext
+from .devtokens import DEV_KEY_ID
 from .errors import ApiError
 from .settings import Settings
 
@@ -64,6 +65,8 @@ class Verifier:
 
     def __init__(self, settings: Settings) -> None:
         self.secret = settings.supabase_jwt_secret
+        # A dev token (DEV_TOKENS) says so in its `kid` and is checked with the dev secret only.
+        self.dev_secret = settings.dev_token_secret if settings.dev_tokens else None
         self.audience = settings.supabase_jwt_audience
         self.issuer = settings.jwt_issuer
         self.jwks = None
@@ -80,14 +83,17 @@ class Verifier:
         self._jwks_backoff_until = 0.0
         self._jwks_backoff_error: ApiError | None = None
 
-    def _key_for(self, token: str) -> tuple[Any, str]:
+    def _key_for(self, token: str) -> tuple[Any, str, str | None]:
+        """The key, algorithm and issuer to check `token` with."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
             raise InvalidSession() from None
         alg = header.get("alg")
+        if alg == "HS256" and self.dev_secret and header.get("kid") == DEV_KEY_ID:
+            return self.dev_secret, alg, DEV_KEY_ID
         if alg == "HS256" and self.secret:
-            return self.secret, alg
+            return self.secret, alg, self.issuer
         if alg in ASYMMETRIC_ALGORITHMS and self.jwks is not None:
             kid = header.get("kid")
             if not isinstance(kid, str):
@@ -95,7 +101,7 @@ class Verifier:
             jwk = self._signing_key(kid)
             if jwk.algorithm_name != alg:
                 raise InvalidSession()
-            return jwk.key, alg
+            return jwk.key, alg, self.issuer
         raise InvalidSession()
 
     def _signing_key(self, kid: str) -> jwt.PyJWK:
@@ -118,14 +124,14 @@ class Verifier:
 
     def verify(self, token: str) -> dict[str, Any]:
         """Return the claims of a real user session, or raise `InvalidSession`."""
-        key, alg = self._key_for(token)
+        key, alg, issuer = self._key_for(token)
         try:
             claims = jwt.decode(
                 token,
                 key,
                 algorithms=[alg],
                 audience=self.audience,
-                issuer=self.issuer,
+                issuer=issuer,
                 leeway=LEEWAY_SECONDS,
                 options={"require": ["exp", "sub", "aud"]},
             )

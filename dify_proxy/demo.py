@@ -3,7 +3,8 @@
 The page and its script live in `static/demo/`; its two SSE client packages are served unbundled
 from `frontend/node_modules` (installed by `scripts/setup` with `npm ci`), and only the few files
 listed in `VENDOR_FILES`: nothing else under node_modules is reachable. `/demo/dev-token` exists
-only with DEV_TOKENS=1, which settings allow only against a Dify on loopback (the stand-in).
+only with DEV_TOKENS=1, which settings allow only against a Dify on loopback (the stand-in), and
+signs with DEV_TOKEN_SECRET, never with the secret that verifies real sessions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, abort, jsonify, send_from_directory
 
-from .dev import mint_dev_token
+from . import devtokens
 from .settings import Settings
 
 PAGE_DIR = Path(__file__).resolve().parent / "static" / "demo"
@@ -76,13 +77,13 @@ def create_blueprint(settings: Settings) -> Blueprint:
             abort(404)
         return send_from_directory(NODE_MODULES, path)
 
-    if settings.dev_tokens and settings.supabase_jwt_secret:
-        secret = settings.supabase_jwt_secret
+    if settings.dev_tokens and settings.dev_token_secret:
+        secret = settings.dev_token_secret
 
         @bp.post("/dev-token")
         def dev_token() -> Response:
             """A short-lived token for the fixed dev user, signed with the dev secret."""
-            response = jsonify(access_token=mint_dev_token(secret))
+            response = jsonify(access_token=devtokens.mint(secret))
             response.headers["Cache-Control"] = "no-store"
             return response
 

@@ -2,48 +2,35 @@
 
 With DIFY_API_KEY set (environment or `.env`) it runs against that Dify. Without it, or while
 it is still .env.example's placeholder, a newcomer still sees tokens stream: the local Dify
-stand-in is started on a free port, the proxy is pointed at it with a throwaway key and JWT
-secret, and a `curl` with a valid short-lived dev token is printed. Either way it first prints
-which of the two it is doing, the Dify URL, how sessions are checked and where /demo is, so that
-`cp .env.example .env` never switches modes silently. Nothing here is used in production.
+stand-in is started on a free port, the proxy is pointed at it with a throwaway key and a dev
+token secret made for this run, and a `curl` with a valid short-lived dev token is printed.
+Either way it first prints which of the two it is doing, the Dify URL, how sessions are checked
+and where /demo is, so that `cp .env.example .env` never switches modes silently. Nothing here
+is used in production.
+
+The stand-in mode hands a token to anyone who asks (`POST /demo/dev-token`), so it listens on
+loopback only unless `--host` says otherwise, and its tokens are never signed with a secret
+that verifies real sessions (see devtokens.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-import jwt
 from dotenv import load_dotenv
 
+from . import demo, devtokens
 from .settings import ConfigError, Settings, load_settings
 from .variables import VARIABLES
 
-DEV_USER_ID = "00000000-0000-4000-8000-000000000001"
-DEV_TOKEN_SECONDS = 3600
-
-
-def mint_dev_token(secret: str, sub: str = DEV_USER_ID, ttl: int = DEV_TOKEN_SECONDS) -> str:
-    """A Supabase-shaped user access token signed with the dev secret."""
-    now = int(time.time())
-    claims = {
-        "aud": "authenticated",
-        "role": "authenticated",
-        "sub": sub,
-        "session_id": str(uuid.uuid4()),
-        "email": "dev@localhost",
-        "iat": now,
-        "exp": now + ttl,
-        "is_anonymous": False,
-    }
-    return jwt.encode(claims, secret, algorithm="HS256")
+STANDIN_HOST = "127.0.0.1"  # where the stand-in mode listens unless --host says otherwise
 
 
 def start_standin(api_key: str) -> tuple[subprocess.Popen, str]:
@@ -59,8 +46,13 @@ def start_standin(api_key: str) -> tuple[subprocess.Popen, str]:
     return process, line.split()[1]
 
 
-def gunicorn_command() -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "app:app", "--config", "gunicorn.conf.py"]
+def gunicorn_command(host: str | None = None) -> list[str]:
+    """gunicorn as the Procfile runs it; with `host`, listening there instead of on 0.0.0.0."""
+    command = [sys.executable, "-m", "gunicorn", "app:app", "--config", "gunicorn.conf.py"]
+    if host is not None:
+        port = os.environ.get("PORT", "8000")
+        command += ["--bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    return command
 
 
 PLACEHOLDER = "your-"  # every placeholder in .env.example contains it
@@ -91,12 +83,12 @@ def auth_mode(settings: Settings) -> str:
         modes.append("HS256 tokens with SUPABASE_JWT_SECRET")
     if settings.jwks_url:
         modes.append(f"ES256/RS256 tokens with the JWKS at {shown_url(settings.jwks_url)}")
+    if settings.dev_tokens:
+        modes.append("dev tokens signed with this run's own secret")
     return " and ".join(modes)
 
 
 def demo_line(settings: Settings, base: str) -> str:
-    from . import demo  # demo imports this module for its dev tokens
-
     if not settings.enable_demo:
         return "off (ENABLE_DEMO=1 turns it on)"
     if not demo.packages_installed():
@@ -104,7 +96,21 @@ def demo_line(settings: Settings, base: str) -> str:
     return f"{base}/demo"
 
 
-def banner(settings: Settings, port: str, standin_reason: str | None, ignored: list[str]) -> str:
+def listen_line(host: str | None) -> str:
+    if host is None:
+        return "every interface (0.0.0.0, as the Procfile)"
+    if host == STANDIN_HOST:
+        return f"{host} only (scripts/run --host 0.0.0.0 opens it to the network)"
+    return host
+
+
+def banner(
+    settings: Settings,
+    port: str,
+    standin_reason: str | None,
+    ignored: list[str],
+    host: str | None = None,
+) -> str:
     """What the run command is about to do, in a few lines (never a key or a secret)."""
     base = f"http://127.0.0.1:{port}"
     if standin_reason:
@@ -114,6 +120,7 @@ def banner(settings: Settings, port: str, standin_reason: str | None, ignored: l
     lines = [
         f"dify-proxy on {base}",
         f"  mode:  {mode}",
+        f"  listen: {listen_line(host)}",
         f"  Dify:  {shown_url(settings.dify_api_url)}",
         f"  auth:  {auth_mode(settings)}",
         f"  demo:  {demo_line(settings, base)}",
@@ -132,7 +139,18 @@ def _settings_or_exit(standin: subprocess.Popen | None = None) -> Settings:
         sys.exit(f"dify-proxy: configuration error: {exc}")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/run", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--host",
+        help="address to listen on (default: 127.0.0.1 with the stand-in, where anyone who can "
+        "reach the port gets a dev token; 0.0.0.0 with a real Dify, as the Procfile)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    host = parse_args(argv).host
     load_dotenv(override=False)
     port = os.environ.setdefault("PORT", "8000")
     stale = placeholders(os.environ)
@@ -142,8 +160,8 @@ def main() -> None:
                 f"dify-proxy: .env still has placeholders from .env.example: {', '.join(stale)}."
                 " Put in your project's values, or delete the lines you do not use."
             )
-        print(banner(_settings_or_exit(), port, None, []), flush=True)
-        os.execv(sys.executable, gunicorn_command())
+        print(banner(_settings_or_exit(), port, None, [], host), flush=True)
+        os.execv(sys.executable, gunicorn_command(host))
 
     if "DIFY_API_KEY" in stale:
         reason = "DIFY_API_KEY in .env is still the placeholder from .env.example"
@@ -153,14 +171,22 @@ def main() -> None:
     os.environ.update(dict.fromkeys(stale, ""))
     key = f"app-standin-{secrets.token_hex(12)}"
     standin, url = start_standin(key)
-    os.environ.update(DIFY_API_URL=url, DIFY_API_KEY=key, ENABLE_DEMO="1", DEV_TOKENS="1")
-    if not os.environ.get("SUPABASE_JWT_SECRET", "").strip():
-        os.environ["SUPABASE_JWT_SECRET"] = secrets.token_urlsafe(32)
-    token = mint_dev_token(os.environ["SUPABASE_JWT_SECRET"])
+    # A fresh dev secret per run, whatever .env holds: a real SUPABASE_JWT_SECRET keeps
+    # verifying real sessions, and never signs a token this run gives away.
+    dev_secret = secrets.token_urlsafe(32)
+    os.environ.update(
+        DIFY_API_URL=url,
+        DIFY_API_KEY=key,
+        ENABLE_DEMO="1",
+        DEV_TOKENS="1",
+        DEV_TOKEN_SECRET=dev_secret,
+    )
+    host = host or STANDIN_HOST
+    token = devtokens.mint(dev_secret)
     settings = _settings_or_exit(standin)
     ignored = [name for name in stale if name != "DIFY_API_KEY"]
     print(
-        f"""{banner(settings, port, reason, ignored)}
+        f"""{banner(settings, port, reason, ignored, host)}
 
 To use your real Dify app, put its DIFY_API_KEY and your project's SUPABASE_JWT_SECRET (or
 SUPABASE_URL) in .env (see .env.example). Try it (the dev token is valid for an hour):
@@ -172,7 +198,7 @@ SUPABASE_URL) in .env (see .env.example). Try it (the dev token is valid for an 
 """,
         flush=True,
     )
-    proxy = subprocess.Popen(gunicorn_command())
+    proxy = subprocess.Popen(gunicorn_command(host))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _f: proxy.send_signal(s))
     try:

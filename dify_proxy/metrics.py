@@ -40,7 +40,10 @@ STREAM_DURATION = Histogram(
 )
 STREAM_ENDS = Counter("dify_proxy_stream_ends_total", "How streams ended", ["reason"])
 UPSTREAM_ERRORS = Counter("dify_proxy_upstream_errors_total", "Failures talking to Dify", ["kind"])
-TOKENS = Counter("dify_proxy_tokens_total", "Model tokens used, from Dify's usage reports")
+TOKENS = Counter(
+    "dify_proxy_tokens_total",
+    "Model tokens used, from Dify's usage reports (estimated for an answer that brought none)",
+)
 RESUMES = Counter("dify_proxy_resumes_total", "Answers picked up again after a reconnect")
 REPLAYED_EVENTS = Counter("dify_proxy_replayed_events_total", "Events sent again on resumes")
 ANSWERS_ABANDONED = Counter(

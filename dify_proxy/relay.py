@@ -41,6 +41,12 @@ _draining = threading.Event()
 _waiting: set[Any] = set()  # requests waiting for Dify's response head
 RECONNECT_AFTER_MS = 1000  # the `retry:` hint on a restart's final event
 TERMINAL_EVENTS = frozenset({"message_end", "error"})
+# Where Dify reports the tokens an answer used: `message_end` (its metadata.usage), and for a
+# chatflow `workflow_finished` too (data.total_tokens), which is all a stopped one may send.
+USAGE_EVENTS = frozenset({"message_end", "workflow_finished"})
+# After the proxy asks Dify to stop an answer nobody reads, it reads on this long for Dify's
+# last events and their usage report, so that the tokens are counted; then it hangs up.
+STOP_READ_SECONDS = 5.0
 
 
 @dataclass
@@ -83,6 +89,7 @@ class _Answer:
     reader: threading.Thread | None = None
     finished: threading.Event = field(default_factory=threading.Event)
     done: int = 0  # reader and client: on_end runs when both are through
+    stop_asked: bool = False  # Dify was told to stop this answer already
 
 
 def relay(
@@ -152,7 +159,9 @@ def relay(
             # id (and stop the task), and to end the record.
             answer.reader.start()
         if answer.reader.is_alive():
-            threading.Thread(target=_linger, args=(answer, grace, on_tick), daemon=True).start()
+            threading.Thread(
+                target=_linger, args=(answer, grace, on_tick, stop), daemon=True
+            ).start()
         _done(answer, on_end)
 
 
@@ -166,13 +175,18 @@ def _done(answer: _Answer, on_end: Callable[[StreamStats], None]) -> None:
         on_end(answer.stats)
 
 
-def _linger(answer: _Answer, grace: float, on_tick: Callable[[], None]) -> None:
+def _linger(
+    answer: _Answer, grace: float, on_tick: Callable[[], None], stop: Callable[[str], None]
+) -> None:
     """After the client left mid-answer: keep reading Dify while a reconnect may still come.
 
     The grace starts when the client left and again whenever a resumed client shows it is
-    reading. Once it runs out, Dify's connection is closed, which ends the reader, and the
-    reader asks Dify to stop. Dify's task id comes with its first event, so until then the
-    reader reads on (within the read timeout): a stop call needs the id.
+    reading. Once it runs out, Dify is asked to stop while the reader reads on: Dify then ends
+    the stream with its usage report (`message_end`), and the tokens the answer used count
+    against the user's budget. If the stream has not ended `STOP_READ_SECONDS` later, Dify's
+    connection is closed, which ends the reader (see `_usage_estimate`). Dify's task id comes
+    with its first event, so until then the reader reads on (within the read timeout): a stop
+    call needs the id.
     """
     recorder = answer.recorder
     deadline = time.monotonic() + (grace if recorder is not None else 0.0)
@@ -186,7 +200,11 @@ def _linger(answer: _Answer, grace: float, on_tick: Callable[[], None]) -> None:
                 deadline = max(deadline, time.monotonic() - (time.time() - seen) + keep)
         if time.monotonic() >= deadline and answer.stats.task_id:
             answer.reason = "abandoned"
-            _hang_up(answer.upstream)
+            read_until = time.monotonic() + STOP_READ_SECONDS
+            answer.stop_asked = True
+            stop(answer.stats.task_id)
+            if not answer.finished.wait(max(0.0, read_until - time.monotonic())):
+                _hang_up(answer.upstream)
             return
         on_tick()
         answer.finished.wait(min(0.5, max(0.05, deadline - time.monotonic())))
@@ -260,6 +278,8 @@ def _read(
         end = _read_events(answer)
     finally:
         answer.upstream.close()
+    if stats.usage is None and end.reason != "completed":
+        stats.usage = _usage_estimate(stats.events - (1 if end.final else 0))
     if end.final:
         stats_seq = stats.events
         if answer.recorder is not None:
@@ -277,7 +297,11 @@ def _read(
     answer.reason = stats.answer_end = end.reason
     answer.finished.set()
     _done(answer, on_end)
-    if stats.task_id and end.reason not in ("completed", "upstream_error"):
+    if (
+        stats.task_id
+        and end.reason not in ("completed", "upstream_error")
+        and not answer.stop_asked
+    ):
         stop(stats.task_id)  # last: a slow Dify must not hold up the stream's ending
 
 
@@ -308,7 +332,7 @@ def _read_events(answer: _Answer) -> _End:
                     continue
                 stats.events += 1
                 seq = stats.events
-                if stats.task_id is None or kind == "message_end":
+                if stats.task_id is None or kind in USAGE_EVENTS:
                     _note_ids(stats, sse.event_data(event))
                 if kind in TERMINAL_EVENTS:
                     terminal = kind
@@ -380,6 +404,21 @@ def _note_ids(stats: StreamStats, data: Any) -> None:
     if data.get("event") == "message_end":
         usage = (data.get("metadata") or {}).get("usage")
         stats.usage = usage if isinstance(usage, dict) else None
+    elif data.get("event") == "workflow_finished" and stats.usage is None:
+        run = data.get("data")
+        tokens = run.get("total_tokens") if isinstance(run, dict) else None
+        if isinstance(tokens, int) and not isinstance(tokens, bool):
+            stats.usage = {"total_tokens": tokens}
+
+
+def _usage_estimate(dify_events: int) -> dict[str, Any] | None:
+    """The tokens of an answer that did not complete and brought no usage report (stopped and
+    not ended in time, dropped, timed out, cut by a restart): one per event Dify sent. A
+    model's stream sends about a token per `message` event, and the prompt's tokens are
+    unknown, so it is a floor."""
+    if dify_events <= 0:
+        return None
+    return {"total_tokens": dify_events, "estimated": True}
 
 
 def _str(value: Any) -> str | None:

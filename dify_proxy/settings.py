@@ -52,6 +52,7 @@ class Settings:
     supabase_auth_cookie: str | None = None
     enable_demo: bool = False
     dev_tokens: bool = False
+    dev_token_secret: str | None = None
     app_info_ttl: float = 60.0
     max_upload_bytes: int = 15 * 1024 * 1024
     rate_limit: str | None = "20/minute"
@@ -110,6 +111,32 @@ def _jwt_secret(env: Mapping[str, str]) -> str | None:
     return secret
 
 
+def _dev_token_secret(env: Mapping[str, str], supabase_secret: str | None) -> str:
+    """Dev tokens go to anyone who asks: the secret that signs them must verify nothing else."""
+    secret = _text(env, "DEV_TOKEN_SECRET")
+    if secret is None or len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+        raise ConfigError(
+            f"DEV_TOKENS needs DEV_TOKEN_SECRET, a random secret of {MIN_JWT_SECRET_BYTES} bytes "
+            "or more made for local runs (scripts/run makes one)"
+        )
+    if secret == supabase_secret:
+        raise ConfigError(
+            "DEV_TOKEN_SECRET must not be SUPABASE_JWT_SECRET: a dev token would then be a real "
+            "Supabase session"
+        )
+    return secret
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _on_loopback(url: str) -> bool:
+    """Whether requests, too, connects to this machine. URL parsers differ on odd URLs (see
+    `_url` on backslashes), so a URL with a user part is refused rather than interpreted."""
+    parts = urlsplit(url)
+    return "@" not in parts.netloc and parts.hostname in LOOPBACK_HOSTS
+
+
 def _url(
     env: Mapping[str, str], name: str, example: str, default: str | None = None, path: bool = True
 ) -> str | None:
@@ -118,7 +145,10 @@ def _url(
     if value is None:
         return None
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    # A backslash ends the host for requests (urllib3) but not for urllib: in
+    # http://api.dify.ai\@localhost/v1 urllib sees localhost and requests connects to
+    # api.dify.ai. No real URL has one, so it is refused rather than interpreted.
+    if parts.scheme not in ("http", "https") or not parts.hostname or "\\" in value:
         raise ConfigError(f"{name} must be an http(s) URL such as {example}")
     if not path and parts.path.strip("/"):
         raise ConfigError(f"{name} must be the project URL without a path, such as {example}")
@@ -222,7 +252,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     secret = _jwt_secret(env)
     supabase_url = _url(env, "SUPABASE_URL", "https://<project-ref>.supabase.co", path=False)
-    if secret is None and supabase_url is None:
+    dev_tokens = _flag(env, "DEV_TOKENS")
+    if secret is None and supabase_url is None and not dev_tokens:
         raise ConfigError(
             "SUPABASE_JWT_SECRET or SUPABASE_URL is required to verify Supabase sessions"
         )
@@ -232,9 +263,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
 
     dify_api_url = _url(env, "DIFY_API_URL", "https://api.dify.ai/v1", Settings.dify_api_url)
-    dev_tokens = _flag(env, "DEV_TOKENS")
-    if dev_tokens and urlsplit(dify_api_url).hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise ConfigError("DEV_TOKENS is only for the local Dify stand-in; unset it")
+    if dev_tokens and not _on_loopback(dify_api_url):
+        raise ConfigError(
+            "DEV_TOKENS is only for the local Dify stand-in: DIFY_API_URL must be a plain "
+            "loopback URL such as http://127.0.0.1:5001/v1 (no user part); or unset DEV_TOKENS"
+        )
 
     return Settings(
         dify_api_key=api_key,
@@ -250,6 +283,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         supabase_auth_cookie=_auth_cookie(env, supabase_url),
         enable_demo=_flag(env, "ENABLE_DEMO"),
         dev_tokens=dev_tokens,
+        dev_token_secret=_dev_token_secret(env, secret) if dev_tokens else None,
         app_info_ttl=_seconds(env, "APP_INFO_TTL", Settings.app_info_ttl, zero_ok=True),
         max_upload_bytes=_byte_count(env, "MAX_UPLOAD_BYTES", Settings.max_upload_bytes),
         rate_limit=_rate_limit(env),

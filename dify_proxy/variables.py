@@ -168,7 +168,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "DAILY_TOKEN_BUDGET",
         LIMITS,
-        "Model tokens per user per UTC day, counted from Dify's usage reports; `0` is off.",
+        "Model tokens per user per UTC day, counted from Dify's usage reports (answers nobody"
+        " reads included; see Resumable answers); `0` is off.",
         default="0",
         example="0",
     ),
@@ -222,6 +223,16 @@ VARIABLES: tuple[Variable, ...] = (
         default="0",
         example="0",
         not_in_app_json="only for the local stand-in; refused against a real Dify",
+    ),
+    Variable(
+        "DEV_TOKEN_SECRET",
+        BROWSERS,
+        "With `DEV_TOKENS`, the secret dev tokens are signed with (32 bytes or more); it must"
+        " not be `SUPABASE_JWT_SECRET`, so a dev token is never a real session. `scripts/run`"
+        " makes a fresh one per run.",
+        default_text="none (required with `DEV_TOKENS=1`)",
+        secret=True,
+        not_in_app_json="only for the local stand-in, with DEV_TOKENS",
     ),
     Variable(
         "RESUME_WINDOW",

@@ -102,6 +102,7 @@ def proxy(standin, origin_ports, tmp_path_factory) -> Iterator[Proxy]:
         "HEARTBEAT_INTERVAL": "1",
         "ENABLE_DEMO": "1",
         "DEV_TOKENS": "1",
+        "DEV_TOKEN_SECRET": "an-e2e-dev-token-secret-that-is-not-the-supabase-one",
         "CORS_ORIGINS": f"http://127.0.0.1:{origin_ports[0]}",
         "SUPABASE_AUTH_COOKIE": AUTH_COOKIE,
         "LOG_LEVEL": "INFO",

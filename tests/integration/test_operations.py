@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -174,6 +175,36 @@ def test_the_token_budget_is_shared_across_instances(start_proxy, redis_server):
     assert ask(b, user(11)).status_code == 429
 
 
+@pytest.mark.parametrize("grace", ["0", "0.5"])
+def test_tokens_of_answers_nobody_reads_count_against_the_budget(start_proxy, standin, grace):
+    """Issue 20, M4: a client that asks and leaves at once, again and again, is refused once
+    the tokens Dify spent on its abandoned answers use up the budget."""
+    # Each answer costs at least 3 tokens (a 2-token prompt, 1 event read): refused by the 5th.
+    proxy = start_proxy(WEB_CONCURRENCY="1", RESUME_GRACE=grace, DAILY_TOKEN_BUDGET="12")
+    token = tokens.hs256(sub=user(14))
+    long_answer = scenario(events=400, interval=0.05, text="w ")
+    for asked in range(1, 7):
+        response = proxy.chat(long_answer, token=token)
+        if response.status_code == 429:
+            break
+        read_stream(response, until=lambda r: bool(r.data_events()), seconds=10)
+        response.raw._fp.fp.raw._sock.shutdown(socket.SHUT_RDWR)  # the client is gone
+        response.close()
+        deadline = time.monotonic() + 30
+        while abandoned(proxy) < asked:
+            assert time.monotonic() < deadline, "the answer was never abandoned"
+            time.sleep(0.1)
+    assert response.status_code == 429, "never refused after 6 abandoned answers"
+    assert response.json()["code"] == "token_budget_exceeded"
+    # Dify ended each answer itself once told to stop, with its usage report
+    assert {c["stream_end"] for c in standin.chats()} == {"stopped"}
+
+
+def abandoned(proxy: Proxy) -> float:
+    text = requests.get(f"{proxy.url}/metrics", timeout=5).text
+    return metric(text, "dify_proxy_answers_abandoned_total")
+
+
 # -- Redis outage ----------------------------------------------------------------------------
 
 
@@ -274,7 +305,8 @@ def test_metrics_report_streams_tokens_and_end_reasons(start_proxy):
     assert metric(text, "dify_proxy_stream_ends_total", reason="completed") == 1
     assert metric(text, "dify_proxy_stream_ends_total", reason="upstream_dropped") == 1
     assert metric(text, "dify_proxy_upstream_errors_total", kind="stream_upstream_dropped") == 1
-    assert metric(text, "dify_proxy_tokens_total") == 5
+    # 5 from the first answer's usage report; the dropped one brought none: 1 event, 1 token
+    assert metric(text, "dify_proxy_tokens_total") == 5 + 1
     assert metric(text, "dify_proxy_time_to_first_byte_seconds_count") == 2
     assert metric(text, "dify_proxy_open_streams") == 0
 
@@ -307,3 +339,30 @@ def test_a_request_id_is_generated_when_absent_or_unsafe(start_proxy):
     )
     assert re.fullmatch(r"[0-9a-f]{32}", plain.headers["X-Request-ID"])
     assert re.fullmatch(r"[0-9a-f]{32}", unsafe.headers["X-Request-ID"])
+
+
+# -- temporary directories -------------------------------------------------------------------
+
+
+def test_no_temporary_directory_outlives_the_server_even_after_a_reload(start_proxy, tmp_path):
+    """gunicorn.conf.py makes the metrics and spool directories; a SIGHUP (reload) re-reads
+    that file, and the server must still remove them when it stops."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proxy = start_proxy(TMPDIR=str(tmp))
+    made = sorted(p.name for p in tmp.glob("dify-proxy-*"))
+    assert [name.rsplit("-", 1)[0] for name in made] == [
+        "dify-proxy-answers",
+        "dify-proxy-metrics",
+    ]
+    old_workers = set(processes.children(proxy.process.pid))
+
+    proxy.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while (workers := set(processes.children(proxy.process.pid))) & old_workers or not workers:
+        assert time.monotonic() < deadline, "gunicorn did not reload its workers"
+        time.sleep(0.1)
+    assert requests.get(f"{proxy.url}/healthz", timeout=5).ok
+    processes.stop(proxy.process)
+
+    assert list(tmp.glob("dify-proxy-*")) == []

@@ -149,7 +149,11 @@ def test_silence_before_difys_headers_is_a_504(proxy, standin):
     assert response.json()["code"] == "upstream_timeout"
 
 
-def test_a_gone_client_closes_the_upstream_within_a_heartbeat_and_stops_the_task(proxy, standin):
+def test_a_gone_client_gets_the_task_stopped_within_a_heartbeat_and_difys_stream_ended(
+    proxy, standin
+):
+    """The stop comes while the proxy still reads, so Dify's last events (and its usage
+    report) are read before the stream closes."""
     token = tokens.hs256(sub="7d0f2e3c-5a44-4c61-9a51-0f8f4c2b9e10")
     response = proxy.chat(scenario(events=1, end="hang"), token=token)
     read_stream(response, until=first_data_event)
@@ -159,13 +163,13 @@ def test_a_gone_client_closes_the_upstream_within_a_heartbeat_and_stops_the_task
 
     calls = standin.wait_for(
         lambda calls: (
-            any(c["stream_end"] == "client_closed" for c in calls)
+            any(c["stream_end"] == "stopped" for c in calls)
             and any(c["path"].endswith("/stop") for c in calls)
         )
     )
     chat = next(c for c in calls if c["path"] == "/v1/chat-messages")
     stop = next(c for c in calls if c["path"].endswith("/stop"))
-    assert chat["stream_end"] == "client_closed"
+    assert chat["stream_end"] == "stopped"
     assert chat["ended_at"] - closed_at < HEARTBEAT * 4
     assert stop["path"] == f"/v1/chat-messages/{chat['task_id']}/stop"
     assert stop["json"] == {"user": "7d0f2e3c-5a44-4c61-9a51-0f8f4c2b9e10"}

@@ -111,11 +111,15 @@ def kill(pid: int) -> None:
 
 @contextlib.contextmanager
 def run_command(
-    port: int, root: Path = ROOT, env: dict[str, str] | None = None, last: str = "Hello there"
+    port: int,
+    root: Path = ROOT,
+    env: dict[str, str] | None = None,
+    last: str = "Hello there",
+    args: tuple[str, ...] = (),
 ) -> Iterator[tuple[subprocess.Popen, str]]:
-    """The README's run command (by default without a Dify key) in `root`; yields it with
-    everything it printed up to the line containing `last` once the proxy is up, and stops it
-    (and its stand-in) afterwards."""
+    """The README's run command (by default without a Dify key) in `root`, with `args`; yields
+    it with everything it printed up to the line containing `last` once the proxy is up, and
+    stops it (and its stand-in) afterwards."""
     env = {
         "PATH": os.environ["PATH"],
         "HOME": os.environ.get("HOME", "/tmp"),
@@ -123,7 +127,7 @@ def run_command(
         **({"DIFY_API_KEY": ""} if env is None else env),
     }
     dev = subprocess.Popen(
-        [sys.executable, "-m", "dify_proxy.dev"],
+        [sys.executable, "-m", "dify_proxy.dev", *args],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from flask.testing import FlaskClient
 
-from dify_proxy import auth, create_app
+from dify_proxy import auth, create_app, devtokens
 from dify_proxy.settings import Settings
 from tests.support import tokens
 from tests.support.jwks import JwksServer, closed_port_url, hmac_forgery, tampered
@@ -350,6 +350,53 @@ def test_signing_key_token_is_rejected_when_only_the_secret_is_configured(
 ) -> None:
     assert_unauthorized(post_chat(secret_only_client, mint.es256()))
     assert not dify.called
+
+
+# --- dev tokens (DEV_TOKENS, the local stand-in only) --------------------------------------
+
+DEV_SECRET = "a-dev-token-secret-made-for-one-local-run-only"
+
+
+def dev_client(**settings: Any) -> FlaskClient:
+    return make_client(dev_tokens=True, dev_token_secret=DEV_SECRET, **settings)
+
+
+def test_a_dev_token_opens_a_session_with_dev_tokens_on(dify: Any) -> None:
+    response = post_chat(dev_client(supabase_jwt_secret=tokens.SECRET), devtokens.mint(DEV_SECRET))
+    assert_reached_dify(response, dify)
+
+
+def test_a_dev_token_is_checked_without_supabases_issuer(
+    jwks_server: JwksServer, dify: Any
+) -> None:
+    client = dev_client(supabase_url=jwks_server.url)
+    assert_reached_dify(post_chat(client, devtokens.mint(DEV_SECRET)), dify)
+
+
+def test_a_dev_token_is_refused_with_dev_tokens_off(
+    secret_only_client: FlaskClient, dify: Any
+) -> None:
+    assert_unauthorized(post_chat(secret_only_client, devtokens.mint(DEV_SECRET)))
+    assert not dify.called
+
+
+def test_a_token_marked_as_dev_but_signed_with_the_supabase_secret_is_refused(dify: Any) -> None:
+    """The dev mark sends the check to the dev secret only: it unlocks nothing else."""
+    client = dev_client(supabase_jwt_secret=tokens.SECRET)
+    assert_unauthorized(post_chat(client, devtokens.mint(tokens.SECRET)))
+    assert not dify.called
+
+
+def test_a_session_signed_with_the_dev_secret_but_not_marked_as_dev_is_refused(dify: Any) -> None:
+    client = dev_client(supabase_jwt_secret=tokens.SECRET)
+    assert_unauthorized(post_chat(client, tokens.hs256(DEV_SECRET)))
+    assert not dify.called
+
+
+def test_real_sessions_still_open_with_dev_tokens_on(mint: Mint, dify: Any) -> None:
+    assert_reached_dify(
+        post_chat(dev_client(supabase_jwt_secret=tokens.SECRET), mint.hs256(iss=None)), dify
+    )
 
 
 # --- the JWKS: fetched lazily, cached, refetched sparingly ---------------------------------

@@ -9,7 +9,7 @@ import jwt
 import pytest
 
 from dify_proxy import create_app, demo
-from dify_proxy.dev import DEV_USER_ID
+from dify_proxy.devtokens import DEV_USER_ID
 from dify_proxy.settings import load_settings
 from tests.conftest import DIFY_KEY
 from tests.support import tokens
@@ -19,6 +19,10 @@ from tests.support import tokens
 def needs_packages() -> None:
     if not demo.packages_installed():
         pytest.fail("frontend/node_modules is missing: run scripts/setup", pytrace=False)
+
+
+DEV_SECRET = "a-dev-token-secret-made-for-one-local-run-only"
+DEV = {"dev_tokens": True, "dev_token_secret": DEV_SECRET}
 
 
 def client_for(settings, **changes):
@@ -102,13 +106,13 @@ def test_paths_outside_the_whitelist_are_404(settings, path):
 
 def test_the_dev_token_route_exists_only_with_dev_tokens(settings):
     assert client_for(settings, enable_demo=True).post("/demo/dev-token").status_code == 404
-    client = client_for(settings, enable_demo=True, dev_tokens=True)
+    client = client_for(settings, enable_demo=True, **DEV)
     response = client.post("/demo/dev-token")
     assert response.status_code == 200
     assert response.headers["Cache-Control"] == "no-store"
     claims = jwt.decode(
         response.get_json()["access_token"],
-        tokens.SECRET,
+        DEV_SECRET,
         algorithms=["HS256"],
         audience="authenticated",
     )
@@ -116,8 +120,17 @@ def test_the_dev_token_route_exists_only_with_dev_tokens(settings):
     assert claims["role"] == "authenticated"
 
 
+def test_a_dev_token_is_never_signed_with_the_supabase_secret(settings):
+    """Supabase (and anything else trusting the project's secret) must not accept it."""
+    assert settings.supabase_jwt_secret == tokens.SECRET
+    client = client_for(settings, enable_demo=True, **DEV)
+    token = client.post("/demo/dev-token").get_json()["access_token"]
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, tokens.SECRET, algorithms=["HS256"], audience="authenticated")
+
+
 def test_a_dev_token_opens_a_session(settings):
-    client = client_for(settings, enable_demo=True, dev_tokens=True)
+    client = client_for(settings, enable_demo=True, **DEV)
     token = client.post("/demo/dev-token").get_json()["access_token"]
     headers = {"Authorization": f"Bearer {token}"}
     # Past the session check, the blank message is refused before Dify would be called.
@@ -128,7 +141,7 @@ def test_a_dev_token_opens_a_session(settings):
 
 @pytest.mark.usefixtures("needs_packages")
 def test_the_page_and_its_scripts_hold_no_dify_key(settings):
-    client = client_for(settings, enable_demo=True, dev_tokens=True)
+    client = client_for(settings, enable_demo=True, **DEV)
     paths = ["/demo/", "/demo/static/demo.js", "/demo/static/demo.css"]
     paths += [f"/demo/vendor/{name}" for name in demo.VENDOR_FILES]
     for path in paths:
@@ -138,3 +151,15 @@ def test_the_page_and_its_scripts_hold_no_dify_key(settings):
         assert DIFY_KEY not in str(response.headers)
     token_answer = client.post("/demo/dev-token").get_data()
     assert DIFY_KEY.encode() not in token_answer
+
+
+def test_the_demo_and_the_run_command_do_not_import_each_other_in_a_cycle():
+    """demo.py needs only the dev tokens; dev.py (the run command) uses demo.py."""
+    import subprocess
+    import sys
+
+    code = "import sys, dify_proxy.demo; print('dify_proxy.dev' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"

@@ -53,9 +53,16 @@ _streams: list[Stream] = []  # closed after each test, so a failing test leaks i
 class Stream:
     """One relayed stream, as the WSGI server drives it: `next()` is one write to the client."""
 
-    def __init__(self, dify: FakeDify, heartbeat: float = 30.0, **options: Any) -> None:
+    def __init__(
+        self,
+        dify: FakeDify,
+        heartbeat: float = 30.0,
+        on_stop: Any = lambda task_id: None,
+        **options: Any,
+    ) -> None:
         _streams.append(self)
         self.stats = StreamStats()
+        self.on_stop = on_stop  # what Dify does when told to stop
         self.stopped: list[str] = []
         self.stop_called = threading.Event()
         self.ticks = 0
@@ -73,6 +80,7 @@ class Stream:
     def _stop(self, task_id: str) -> None:
         self.stopped.append(task_id)
         self.stop_called.set()
+        self.on_stop(task_id)
 
     def _tick(self) -> None:
         self.ticks += 1
@@ -114,6 +122,12 @@ def eventually(condition, seconds: float = 5.0) -> bool:
 
 def nothing_open() -> bool:
     return not relay_module._open
+
+
+@pytest.fixture(autouse=True)
+def short_stop_read(monkeypatch) -> None:
+    """A fake Dify that ignores a stop is hung up on after this, not after seconds."""
+    monkeypatch.setattr(relay_module, "STOP_READ_SECONDS", 0.3)
 
 
 @pytest.fixture(autouse=True)
@@ -316,7 +330,7 @@ def test_a_client_that_leaves_mid_answer_stops_the_task_and_hangs_up_on_dify(dif
     assert eventually(lambda: stream.ended == [stream.stats])
 
 
-def test_a_client_that_leaves_while_dify_is_silent_hangs_up_on_dify_at_once(dify):
+def test_a_client_that_leaves_while_dify_is_silent_gets_the_task_stopped_and_dify_hung_up(dify):
     stream = Stream(dify, heartbeat=0.05)
     dify.send(HELLO)
     stream.read_until(HELLO)
@@ -346,6 +360,77 @@ def test_a_client_that_leaves_after_message_end_stops_nothing(dify):
     dify.end()
     assert stream.read_all() == b""
     assert not stream.stop_called.wait(0.1)
+
+
+# --- tokens of answers nobody reads (issue 20, M4) -------------------------------------------
+
+
+def end_after_stop(dify: FakeDify, *events: bytes):
+    """Dify's answer to a stop: its last events, then the end of the stream."""
+
+    def on_stop(task_id: str) -> None:
+        dify.send(*events)
+        dify.end()
+
+    return on_stop
+
+
+def leave_after(stream: Stream, wanted: bytes) -> None:
+    stream.read_until(wanted)
+    stream.body.close()  # the client left
+
+
+def test_an_answer_nobody_reads_is_stopped_while_read_on_and_difys_usage_is_kept(dify):
+    stream = Stream(dify, on_stop=end_after_stop(dify, END))
+    dify.send(HELLO)
+    leave_after(stream, HELLO)
+    assert eventually(lambda: stream.ended == [stream.stats])
+    assert stream.stats.usage == {"total_tokens": 42}
+    assert stream.stats.answer_end == "abandoned"
+    assert stream.stopped == [TASK]  # asked once
+
+
+def test_a_stopped_chatflow_that_sends_only_workflow_finished_counts_its_total_tokens(dify):
+    finished = dify_event("workflow_finished", data={"status": "stopped", "total_tokens": 7})
+    stream = Stream(dify, on_stop=end_after_stop(dify, finished))
+    dify.send(HELLO)
+    leave_after(stream, HELLO)
+    assert eventually(lambda: stream.ended == [stream.stats])
+    assert stream.stats.usage == {"total_tokens": 7}
+
+
+def test_a_chatflows_message_end_usage_wins_over_its_workflow_finished(dify):
+    finished = dify_event("workflow_finished", data={"status": "succeeded", "total_tokens": 7})
+    stream = Stream(dify)
+    dify.send(HELLO, END, finished)
+    dify.end()
+    stream.read_all()
+    assert stream.stats.usage == {"total_tokens": 42}
+
+
+def test_when_dify_does_not_end_after_the_stop_one_token_per_event_is_counted(dify):
+    stream = Stream(dify)
+    dify.send(HELLO, WORLD)
+    leave_after(stream, WORLD)
+    assert stream.stop_called.wait(5)
+    assert dify.hung_up.wait(10)
+    assert eventually(lambda: stream.ended == [stream.stats])
+    assert stream.stats.usage == {"total_tokens": 2, "estimated": True}
+
+
+def test_a_dropped_answer_counts_one_token_per_event_dify_sent(dify):
+    stream = Stream(dify)
+    dify.send(HELLO, WORLD, HELLO)
+    dify.drop()
+    stream.read_all()  # ends with the proxy's own error event, which is not Dify's
+    assert stream.stats.usage == {"total_tokens": 3, "estimated": True}
+
+
+def test_an_answer_that_brought_no_event_counts_no_tokens(dify):
+    stream = Stream(dify)
+    dify.drop()
+    stream.read_all()
+    assert stream.stats.usage is None
 
 
 # --- drain ---------------------------------------------------------------------------------

@@ -98,3 +98,17 @@ def test_values_copied_from_env_example_are_found_as_placeholders():
 
 def test_a_real_value_that_happens_to_contain_your_is_not_a_placeholder():
     assert dev.placeholders({"CORS_ORIGINS": "https://your-shop.example.com"}) == []
+
+
+def test_the_banner_says_the_stand_in_listens_on_loopback_only_and_how_to_open_it():
+    text = dev.banner(settings(), "8000", "x", [], dev.STANDIN_HOST)
+
+    assert "listen: 127.0.0.1 only (scripts/run --host 0.0.0.0 opens it to the network)" in text
+
+
+def test_the_stand_in_mode_binds_gunicorn_to_the_host_it_was_given(monkeypatch):
+    monkeypatch.setenv("PORT", "8123")
+
+    assert dev.gunicorn_command("127.0.0.1")[-2:] == ["--bind", "127.0.0.1:8123"]
+    assert dev.gunicorn_command("::1")[-2:] == ["--bind", "[::1]:8123"]
+    assert "--bind" not in dev.gunicorn_command(None)  # gunicorn.conf.py's, as the Procfile

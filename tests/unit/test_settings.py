@@ -308,3 +308,98 @@ def test_a_library_warning_is_logged_as_one_json_line(
     assert len(lines) == 1, result.stderr
     entry = json.loads(lines[0])
     assert entry["logger"] == "py.warnings" and "key too short" in entry["message"]
+
+
+# --- dev tokens (the local stand-in only) ---------------------------------------------------
+
+DEV_SECRET = "a-dev-token-secret-made-for-one-local-run-only"
+STANDIN_URL = "http://127.0.0.1:5001/v1"
+
+
+def dev_env(**overrides: str | None) -> dict[str, str]:
+    dev = {"DEV_TOKENS": "1", "DIFY_API_URL": STANDIN_URL, "DEV_TOKEN_SECRET": DEV_SECRET}
+    return env(**{**dev, **overrides})
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:5001/v1", "http://localhost:5001/v1", "http://[::1]:5001/v1"]
+)
+def test_dev_tokens_are_accepted_against_a_dify_on_loopback(url: str) -> None:
+    settings = load_settings(dev_env(DIFY_API_URL=url))
+    assert settings.dev_tokens and settings.dev_token_secret == DEV_SECRET
+
+
+def test_dev_tokens_against_a_dify_elsewhere_are_refused_by_name() -> None:
+    message = config_error(dev_env(DIFY_API_URL="https://api.dify.ai/v1"))
+    assert message.startswith("DEV_TOKENS is only for the local Dify stand-in")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://api.dify.ai\\@localhost/v1",
+        "http://api.dify.ai\\@127.0.0.1:5001/v1",
+        "http://api.dify.ai\\\\@localhost/v1",
+    ],
+)
+def test_a_url_that_urllib_and_requests_read_as_different_hosts_is_refused(url: str) -> None:
+    """urllib sees localhost there, but requests (urllib3) connects to api.dify.ai."""
+    assert config_error(dev_env(DIFY_API_URL=url)).startswith("DIFY_API_URL must be an http(s) URL")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://api.dify.ai@localhost/v1",
+        "http://api.dify.ai\\@localhost/v1",
+        "http://user:pass@127.0.0.1:5001/v1",
+        "http://localhost#@api.dify.ai/v1",
+        "http://localhost?@api.dify.ai/v1",
+        "http://api.dify.ai#\\@localhost/v1",
+        "http://api.dify.ai%5C@localhost/v1",
+        "http://api.dify.ai\t@localhost/v1",
+        "http://localhost.api.dify.ai/v1",
+        "http://127.0.0.1.nip.io/v1",
+        "http://[::ffff:8.8.8.8]/v1",
+    ],
+)
+def test_dev_tokens_are_allowed_only_where_requests_connects_to_loopback(url: str) -> None:
+    """Whatever the URL, if the settings accept it with DEV_TOKENS, the HTTP client that calls
+    Dify (requests, through urllib3's parser) connects to this machine."""
+    from urllib3.util import parse_url
+
+    try:
+        settings = load_settings(dev_env(DIFY_API_URL=url))
+    except ConfigError as exc:
+        assert "DIFY_API_URL" in str(exc) or "DEV_TOKENS" in str(exc)
+        return
+    assert parse_url(settings.dify_api_url + "/chat-messages").host in (
+        "127.0.0.1",
+        "localhost",
+        "[::1]",
+    )
+
+
+def test_dev_tokens_need_their_own_secret() -> None:
+    message = config_error(dev_env(DEV_TOKEN_SECRET=None))
+    assert message.startswith("DEV_TOKENS needs DEV_TOKEN_SECRET")
+
+
+def test_a_dev_token_secret_under_32_bytes_is_refused() -> None:
+    assert "DEV_TOKEN_SECRET" in config_error(dev_env(DEV_TOKEN_SECRET="x" * 31))
+
+
+def test_the_supabase_secret_cannot_be_the_dev_token_secret() -> None:
+    """A dev token signed with the project's secret would be a real Supabase session."""
+    message = config_error(dev_env(DEV_TOKEN_SECRET=JWT_SECRET))
+    assert message.startswith("DEV_TOKEN_SECRET must not be SUPABASE_JWT_SECRET")
+    assert JWT_SECRET not in message
+
+
+def test_with_dev_tokens_no_supabase_key_is_needed() -> None:
+    settings = load_settings(dev_env(SUPABASE_JWT_SECRET=None))
+    assert settings.supabase_jwt_secret is None and settings.supabase_url is None
+
+
+def test_without_dev_tokens_the_dev_token_secret_is_not_used() -> None:
+    assert load_settings(env(DEV_TOKEN_SECRET=DEV_SECRET)).dev_token_secret is None
