@@ -28,6 +28,7 @@ from .limits import over_limit, per_user
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
 from .resume import follow
+from .usage import book
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 log = logging.getLogger(__name__)
@@ -194,8 +195,10 @@ def answer(payload: dict[str, Any]) -> Response:
             "Today's token budget is used up; it renews at 00:00 UTC.",
             retry_after=str(_seconds_to_midnight_utc()),
         )
+    entry = book(user)  # the usage ledger's row, and the money budgets (a 429 when used up)
     lease = quotas.acquire_stream(user)
     if lease is None:
+        entry.cancel()
         raise over_limit(
             "streams",
             "too_many_streams",
@@ -208,9 +211,11 @@ def answer(payload: dict[str, Any]) -> Response:
         upstream = dify.chat(payload, stream=streaming)
     except ServerRestarting:
         quotas.release_stream(user, lease)
+        entry.cancel()
         raise _restarting() from None
     except BaseException:
         quotas.release_stream(user, lease)
+        entry.cancel()
         raise
     finally:
         done_waiting()
@@ -220,7 +225,9 @@ def answer(payload: dict[str, Any]) -> Response:
             try:
                 body = json.loads(upstream.content)
             except ValueError:
+                entry.answered(uuid.uuid4().hex, None, "upstream_error")
                 raise unreadable_answer() from None
+            entry.answered(uuid.uuid4().hex, body)
             _count_tokens(quotas, user, (body.get("metadata") or {}).get("usage"))
             return Response(upstream.content, status=200, content_type="application/json")
 
@@ -235,6 +242,7 @@ def answer(payload: dict[str, Any]) -> Response:
 
     def finish(stats: StreamStats) -> None:
         quotas.release_stream(user, lease)
+        entry.streamed(stats)
         _count_tokens(quotas, user, stats.usage)
         metrics.OPEN_STREAMS.dec()
         metrics.STREAM_ENDS.labels(stats.end).inc()
@@ -294,6 +302,7 @@ def resume(event_id: str) -> Response:
     )
     if body is None:
         return Response(status=204)
+    current_app.extensions["dify_proxy.ledger"].resumed(stream_id)
     metrics.RESUMES.inc()
     metrics.REPLAYED_EVENTS.inc(stats.replayed or 0)
     log.info(

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
@@ -62,6 +63,11 @@ class Settings:
     resume_max_bytes: int = 4 * 1024 * 1024
     resume_grace: float = 20.0
     resume_spool_dir: str | None = None
+    database_url: str | None = None
+    usage_sqlite_path: str = "instance/dify-usage.sqlite3"
+    usage_outbox_path: str = "instance/dify-usage-outbox.sqlite3"
+    daily_cost_budget: Decimal = Decimal(0)
+    monthly_cost_budget: Decimal = Decimal(0)
 
     def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
         return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
@@ -244,7 +250,39 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         resume_max_bytes=_byte_count(env, "RESUME_MAX_BYTES", Settings.resume_max_bytes),
         resume_grace=_seconds(env, "RESUME_GRACE", Settings.resume_grace, zero_ok=True),
         resume_spool_dir=_text(env, "RESUME_SPOOL_DIR"),
+        **ledger_location(env),
+        daily_cost_budget=_money(env, "DAILY_COST_BUDGET"),
+        monthly_cost_budget=_money(env, "MONTHLY_COST_BUDGET"),
     )
+
+
+def ledger_location(env: Mapping[str, str]) -> dict[str, str | None]:
+    """Where the usage ledger lives; also read alone by `python -m dify_proxy.ledger`, which
+    runs where the rest of the configuration may be absent (a release phase, scripts/run)."""
+    database_url = _text(env, "DATABASE_URL")
+    if database_url is not None and urlsplit(database_url).scheme not in (
+        "postgres",
+        "postgresql",
+    ):
+        raise ConfigError("DATABASE_URL must be a postgres:// or postgresql:// URL")
+    return {
+        "database_url": database_url,
+        "usage_sqlite_path": _text(env, "USAGE_SQLITE_PATH") or Settings.usage_sqlite_path,
+        "usage_outbox_path": _text(env, "USAGE_OUTBOX_PATH") or Settings.usage_outbox_path,
+    }
+
+
+def _money(env: Mapping[str, str], name: str) -> Decimal:
+    raw = _text(env, name)
+    if raw is None:
+        return Decimal(0)
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        value = Decimal(-1)
+    if not value.is_finite() or value < 0:
+        raise ConfigError(f"{name} must be an amount, 0 or more, such as 5 or 12.50")
+    return value
 
 
 def _redis_url(env: Mapping[str, str]) -> str | None:
