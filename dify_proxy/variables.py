@@ -44,6 +44,7 @@ TIMEOUTS = "Timeouts and logs"
 LIMITS = "Per-user limits (keyed by the session's sub)"
 BROWSERS = "Browsers"
 RESUME = "Resumable answers"
+LEDGER = "Usage ledger"
 ROUTES = "Other routes and operations"
 SERVER = "Server (gunicorn.conf.py)"
 
@@ -173,6 +174,21 @@ VARIABLES: tuple[Variable, ...] = (
         example="0",
     ),
     Variable(
+        "DAILY_COST_BUDGET",
+        LIMITS,
+        "Money per user per UTC day, in the currency Dify reports, counted from the usage"
+        " ledger plus a hold for each answer in flight (see Usage ledger); `0` is off.",
+        default="0",
+        example="0",
+    ),
+    Variable(
+        "MONTHLY_COST_BUDGET",
+        LIMITS,
+        "Money per user per UTC month, counted like `DAILY_COST_BUDGET`; `0` is off.",
+        default="0",
+        example="0",
+    ),
+    Variable(
         "CORS_ORIGINS",
         BROWSERS,
         "Browser origins allowed to call `/api/*` from another origin, exact"
@@ -236,6 +252,31 @@ VARIABLES: tuple[Variable, ...] = (
         " `REDIS_URL`, Redis also holds them, for other instances).",
         default_text="a fresh temporary directory per start",
         example="/tmp/dify-proxy-answers",
+    ),
+    Variable(
+        "DATABASE_URL",
+        LEDGER,
+        "PostgreSQL for the usage ledger (`public.dify_usage`): Supabase's (direct, or its"
+        " pooler, port 6543 included) or Heroku Postgres (`postgres://`, set by the add-on)."
+        " Unset, the ledger is the local SQLite file below.",
+        secret=True,
+        example="postgresql://postgres:your-password@db.your-project-ref.supabase.co:5432/postgres",
+        not_in_app_json="set by the heroku-postgresql add-on",
+    ),
+    Variable(
+        "USAGE_SQLITE_PATH",
+        LEDGER,
+        "The usage ledger's SQLite file when `DATABASE_URL` is unset (made on first use).",
+        default="instance/dify-usage.sqlite3",
+        example="instance/dify-usage.sqlite3",
+    ),
+    Variable(
+        "USAGE_OUTBOX_PATH",
+        LEDGER,
+        "Local SQLite file where usage rows wait while the ledger's database is away; shared"
+        " by every worker of an instance, sent when the database is back.",
+        default="instance/dify-usage-outbox.sqlite3",
+        example="instance/dify-usage-outbox.sqlite3",
     ),
     Variable(
         "APP_INFO_TTL",
