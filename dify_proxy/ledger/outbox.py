@@ -27,8 +27,12 @@ class Outbox:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        with self._connect() as db:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        try:  # outside a transaction, where SQLite allows it; every worker asks the same
             db.execute("pragma journal_mode=wal")
+        finally:
+            db.close()
+        with self._connect() as db:
             for statement in _SCHEMA:
                 db.execute(statement)
 
