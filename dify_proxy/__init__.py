@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     ledger = app.extensions["dify_proxy.ledger"] = Ledger.from_settings(settings)
     budgets = app.extensions["dify_proxy.budgets"] = Budgets(
-        settings.daily_cost_budget, settings.monthly_cost_budget, quotas, ledger.engine
+        settings.daily_cost_budget, settings.monthly_cost_budget, quotas, ledger
     )
     ledger.on_written = budgets.written
     limits.init_app(app, settings)

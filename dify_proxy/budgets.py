@@ -20,10 +20,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Engine
-
 from .errors import ApiError
-from .ledger import Row, day_start, next_month, spent
+from .ledger import Ledger, Row, day_start, next_month
 from .limits import over_limit
 from .quotas import Quotas
 
@@ -34,11 +32,11 @@ ERROR_LOG_INTERVAL_SECONDS = 60.0
 
 
 class Budgets:
-    def __init__(self, daily: Decimal, monthly: Decimal, quotas: Quotas, engine: Engine) -> None:
+    def __init__(self, daily: Decimal, monthly: Decimal, quotas: Quotas, ledger: Ledger) -> None:
         self.daily = daily
         self.monthly = monthly
         self.quotas = quotas
-        self.engine = engine
+        self.ledger = ledger
         self._holds: dict[str, tuple[str, str]] = {}  # by answer id: (user, hold)
         self._lock = threading.Lock()
         self._logged_at = -ERROR_LOG_INTERVAL_SECONDS
@@ -55,7 +53,7 @@ class Budgets:
             return None
         now = now or datetime.now(UTC)
         try:
-            recorded = spent(self.engine, user, now)
+            recorded = self.ledger.spent(user, now)
         except Exception as exc:  # noqa: BLE001 -- budgets degrade, chat goes on
             self._unreadable(exc)
             return None

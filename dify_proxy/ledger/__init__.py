@@ -293,8 +293,7 @@ class Ledger:
         """Insert the rows (ignoring any already there) and count the resumes, in one
         transaction; returns the resumes whose answer has no row yet."""
         unmatched = []
-        if not self._ready:
-            self._ready = self.engine.dialect.name != "sqlite" or _migrated(self.engine)
+        self._ensure_table()
         with self.engine.begin() as connection:
             if rows:
                 dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
@@ -315,6 +314,14 @@ class Ledger:
             self.error = None
         return unmatched
 
+    def _ensure_table(self) -> None:
+        """The local SQLite file is made on first use (PostgreSQL's table, by the migrate
+        command in the release phase, since the proxy's database user may not own the schema)."""
+        if not self._ready:
+            if self.engine.dialect.name == "sqlite" and not has_table(self.engine):
+                migrate(self.engine)
+            self._ready = True
+
     def _written(self, rows: list[Row]) -> None:
         if rows:
             self.on_written(rows)
@@ -334,18 +341,16 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------
 
     def totals(self, user: str | None, since: datetime, until: datetime | None = None) -> list[Row]:
+        self._ensure_table()
         return totals(self.engine, user, since, until)
 
     def recent(self, user: str, limit: int = RECENT) -> list[Row]:
+        self._ensure_table()
         return recent(self.engine, user, limit)
 
-
-def _migrated(engine: Engine) -> bool:
-    """The local SQLite file is made on first use (PostgreSQL's table, by the migrate command
-    in the release phase, since the proxy's database user may not own the schema)."""
-    if not has_table(engine):
-        migrate(engine)
-    return True
+    def spent(self, user: str, now: datetime) -> Spent:
+        self._ensure_table()
+        return spent(self.engine, user, now)
 
 
 def _take(pending: collections.deque) -> list:

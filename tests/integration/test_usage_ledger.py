@@ -360,3 +360,45 @@ def test_the_supabase_migration_and_the_migrate_command_make_the_same_table(post
             )
 
     assert columns["supabase"] == columns["command"] == columns["both"]
+
+
+def test_no_statement_is_prepared_so_supabases_transaction_pooler_works(postgres):
+    engine = make_engine(postgres.url, "")
+    with engine.connect() as connection:
+        for _ in range(10):  # psycopg prepares a statement from its 5th run, unless told not to
+            connection.execute(select(usage.c.answer_id).where(usage.c.user_id == "x").limit(1))
+        prepared = connection.exec_driver_sql("select count(*) from pg_prepared_statements")
+        assert prepared.scalar() == 0
+    engine.dispose()
+
+
+GEVENT_CHECK = """
+from gevent import monkey; monkey.patch_all()
+import sys, time, gevent
+from sqlalchemy import text
+from dify_proxy.ledger.schema import make_engine
+engine = make_engine(sys.argv[1], "")
+ticks, spans = [], []
+def ticker():
+    while not spans or len(spans) < 2:
+        ticks.append(time.monotonic()); gevent.sleep(0.01)
+def query():
+    with engine.connect() as connection:
+        spans.append(time.monotonic())
+        connection.execute(text("select pg_sleep(0.5)"))
+        spans.append(time.monotonic())
+gevent.joinall([gevent.spawn(ticker), gevent.spawn(query)])
+print(sum(1 for t in ticks if spans[0] < t < spans[1]))
+"""
+
+
+def test_a_query_under_gevent_lets_the_workers_other_greenlets_run(postgres):
+    ran = subprocess.run(
+        [sys.executable, "-c", GEVENT_CHECK, postgres.url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert int(ran.stdout) > 1  # a blocking driver would let nothing run until it returned
