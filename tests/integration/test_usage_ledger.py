@@ -410,3 +410,55 @@ def test_a_query_under_gevent_lets_the_workers_other_greenlets_run(postgres):
         check=True,
     )
     assert int(ran.stdout) > 1  # a blocking driver would let nothing run until it returned
+
+
+# --- money budgets ------------------------------------------------------------------------------
+
+
+def test_answers_opened_at_once_on_two_instances_cannot_slip_past_a_cost_budget(
+    start_proxy, postgres, redis_server, tmp_path
+):
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with postgres.connect() as connection:
+        connection.execute(f"create database {name}")
+    ledger = Ledger(
+        {
+            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{postgres.port}/{name}",
+            "USAGE_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3"),
+        }
+    )
+    ledger.command("migrate")
+    shared = {
+        **ledger.env,
+        "REDIS_URL": redis_server.url,
+        "DAILY_COST_BUDGET": "0.000025",
+        "MAX_STREAMS_PER_USER": "10",
+    }
+    one = start_proxy(**shared)
+    two = start_proxy(**{**shared, "USAGE_OUTBOX_PATH": str(tmp_path / "outbox-2.sqlite3")})
+    first = read_stream(ask(one, {"events": 3}))  # 5 tokens: 0.0000100 recorded
+    assert usage_of(first)["total_price"] == "0.0000100"
+    ledger.wait_for_rows(1)
+
+    # Recorded 0.0000100, and each answer in flight holds 0.0000100 (the dearest so far): two
+    # may run at once (0.0000100 + 2 x 0.0000100 reaches 0.000025 only with a third).
+    running = [ask(one, {"events": 1, "end": "hang"}), ask(two, {"events": 1, "end": "hang"})]
+    for response in running:
+        read_stream(response, until=lambda r: bool(r.data()), seconds=10)
+    refused = ask(two, {"events": 1})
+    body = refused.json()
+
+    assert refused.status_code == 429
+    assert body["code"] == "daily_cost_budget_exceeded"
+    assert "answers you have running" in body["message"]
+    assert refused.headers["Retry-After"] == "5"
+
+    running[0].close()  # the answer ends; once its row is written, its hold is given back
+    ledger.wait_for_rows(2)
+    deadline = time.monotonic() + 10
+    while (again := ask(two, {"events": 1})).status_code == 429:
+        assert time.monotonic() < deadline, again.json()
+        time.sleep(0.2)
+    assert read_stream(again).data()[-1]["event"] == "message_end"
+    running[1].close()
+    ledger.engine.dispose()
