@@ -179,6 +179,8 @@ class Ledger:
         self.error: str | None = None
         self._ready = False
         _instances.append(self)
+        if self.outbox.pending_count():  # left by a previous run: send them without waiting
+            self._wake_flusher()
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> Ledger:
@@ -319,7 +321,11 @@ class Ledger:
         command in the release phase, since the proxy's database user may not own the schema)."""
         if not self._ready:
             if self.engine.dialect.name == "sqlite" and not has_table(self.engine):
-                migrate(self.engine)
+                try:
+                    migrate(self.engine)
+                except Exception:
+                    if not has_table(self.engine):  # else another worker made it meanwhile
+                        raise
             self._ready = True
 
     def _written(self, rows: list[Row]) -> None:

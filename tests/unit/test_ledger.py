@@ -208,3 +208,16 @@ def test_a_used_up_cost_budget_is_a_429_before_dify_is_called(budgeted, auth, re
     assert refused.json["code"] == "daily_cost_budget_exceeded"
     assert int(refused.headers["Retry-After"]) > 0
     assert requests_mock.call_count == 1
+
+
+def test_rows_left_in_the_outbox_by_a_previous_run_are_sent_at_start(tmp_path):
+    away = make_engine("postgresql://nobody@127.0.0.1:1/none", "")
+    before = Ledger(away, str(tmp_path / "outbox.sqlite3"))
+    before.open("user-a", None).streamed(stats())
+    before.flush()
+    assert before.outbox.pending_count() == 1
+
+    back = make_engine(None, str(tmp_path / "usage.sqlite3"))
+    Ledger(back, str(tmp_path / "outbox.sqlite3"))  # the next run, no answer asked yet
+
+    assert [r["answer_id"] for r in wait_for_rows(back, 1)] == ["s" * 22]
