@@ -25,6 +25,7 @@ PLACEHOLDERS = {
     "DIFY_API_KEY": "app-your-dify-app-key",
     "SUPABASE_JWT_SECRET": "your-supabase-legacy-jwt-secret",
     "SUPABASE_URL": "https://your-project-ref.supabase.co",
+    "DATABASE_URL": "postgresql://postgres:your-password@db.your-project-ref.supabase.co:5432/postgres",
 }
 # HS256 with a shorter key is guessable offline from one token (RFC 7518 3.2 asks for at least
 # 256 bits); Supabase's generated secrets are 40 characters or more.
