@@ -114,6 +114,7 @@ def post_worker_init(worker):
     import gevent
 
     from dify_proxy.answers import flush_all
+    from dify_proxy.ledger import flush_all as flush_ledger
     from dify_proxy.relay import ServerRestarting, drain
 
     stop_accepting = worker.handle_exit
@@ -129,6 +130,7 @@ def post_worker_init(worker):
             deadline, interrupt=lambda greenlet: greenlet.kill(ServerRestarting, block=False)
         )
         flush_all()  # the records a client resumes from on another instance
+        flush_ledger()  # the usage rows, to the database or to the outbox on disk
         for outcome, count in counts.items():
             metrics.DRAIN.labels(outcome).inc(count)
         logging.getLogger("dify_proxy.drain").info(

@@ -161,7 +161,7 @@ class Proxy(Target):
 
     def resume_request(self, user: str, last_event_id: str) -> str:
         """What an EventSource sends when it reconnects: a GET with the last id it saw."""
-        token = mint_dev_token(self.secret, sub=user, ttl=4 * 3600)
+        token = mint(self.secret, sub=user, ttl=4 * 3600)
         return (
             f"GET {self.chat_path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
             f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n"

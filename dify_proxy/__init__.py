@@ -26,10 +26,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, bodies, chat, errors, limits, metrics, openapi, relay, requestlog
+    from . import api, bodies, chat, errors, limits, metrics, openapi, relay, requestlog, usage
     from .answers import Answers
     from .auth import Verifier
+    from .budgets import Budgets
     from .dify import Dify
+    from .ledger import Ledger
     from .quotas import Quotas
 
     settings = settings or load_settings()
@@ -66,6 +68,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         on_redis_error=quotas.redis_failed,
         redis_usable=quotas.redis_usable,
     )
+    ledger = app.extensions["dify_proxy.ledger"] = Ledger.from_settings(settings)
+    budgets = app.extensions["dify_proxy.budgets"] = Budgets(
+        settings.daily_cost_budget, settings.monthly_cost_budget, quotas, ledger
+    )
+    ledger.on_written = budgets.written
     limits.init_app(app, settings)
 
     if settings.cors_origins:
@@ -86,6 +93,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.register_error_handlers(app)
     app.register_blueprint(chat.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(usage.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(openapi.bp)
     if settings.enable_demo:

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ from .limits import SLOT_RETRY_SECONDS, in_words, over_limit, per_user, user_lim
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
 from .resume import follow
+from .usage import book
 from .validation import bad_request, read_json_object, refuse_head, validate_uuid
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
@@ -153,9 +155,11 @@ def answer(payload: dict[str, Any]) -> Response:
             f"it renews at 00:00 UTC, in {in_words(seconds)}",
             seconds,
         )
+    entry = book(user)  # the usage ledger's row, and the money budgets (a 429 when used up)
     max_streams = user_limit("max_streams_per_user")
     lease = quotas.acquire_stream(user, max_streams)
     if lease is None:
+        entry.cancel()
         raise over_limit(
             "streams",
             "too_many_streams",
@@ -170,9 +174,11 @@ def answer(payload: dict[str, Any]) -> Response:
         upstream = dify.chat(payload, stream=streaming)
     except ServerRestarting:
         quotas.release_stream(user, lease)
+        entry.cancel()
         raise _restarting() from None
     except BaseException:
         quotas.release_stream(user, lease)
+        entry.cancel()
         raise
     finally:
         done_waiting()
@@ -182,7 +188,9 @@ def answer(payload: dict[str, Any]) -> Response:
             try:
                 body = json.loads(upstream.content)
             except ValueError:
+                entry.answered(uuid.uuid4().hex, None, "upstream_error")
                 raise unreadable_answer() from None
+            entry.answered(uuid.uuid4().hex, body)
             _count_tokens(quotas, user, (body.get("metadata") or {}).get("usage"))
             return Response(upstream.content, status=200, content_type="application/json")
 
@@ -197,6 +205,7 @@ def answer(payload: dict[str, Any]) -> Response:
 
     def finish(stats: StreamStats) -> None:
         quotas.release_stream(user, lease)
+        entry.streamed(stats)
         _count_tokens(quotas, user, stats.usage)
         metrics.OPEN_STREAMS.dec()
         metrics.STREAM_ENDS.labels(stats.end).inc()
@@ -256,6 +265,7 @@ def resume(event_id: str) -> Response:
     )
     if body is None:
         return Response(status=204)
+    current_app.extensions["dify_proxy.ledger"].resumed(stream_id)
     metrics.RESUMES.inc()
     metrics.REPLAYED_EVENTS.inc(stats.replayed or 0)
     log.info(

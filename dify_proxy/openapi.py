@@ -177,6 +177,13 @@ DOCUMENT: dict[str, Any] = {
                 "Stop an answer.", _json_answer("Stopped."), parameters=[_path_id("task_id")]
             )
         },
+        "/api/usage": {
+            "get": _operation(
+                "The session's own usage from the ledger: today, this month (UTC), recent answers.",
+                _json_answer("Answers, tokens and price (a decimal string) per period."),
+                errors=("401", "403", "503"),
+            )
+        },
         "/api/conversations": {
             "get": _operation(
                 "The user's conversations.",

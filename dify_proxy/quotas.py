@@ -152,16 +152,27 @@ class Quotas:
     def release_upload(self, user: str, lease: str) -> None:
         self._release("uploads", user, lease)
 
-    def _acquire(self, kind: str, user: str, limit: int) -> str | None:
+    def acquire_hold(self, user: str, limit: int, seconds: float) -> str | None:
+        """A cost budget's hold on an answer in flight (see budgets.py), or None when the user
+        already has `limit` of them; `limit` 0 is none at all, unlike the streams'."""
+        if limit <= 0:
+            return None
+        return self._acquire("cost-holds", user, limit, seconds)
+
+    def release_hold(self, user: str, hold: str) -> None:
+        self._release("cost-holds", user, hold)
+
+    def _acquire(
+        self, kind: str, user: str, limit: int, seconds: float | None = None
+    ) -> str | None:
         if limit <= 0:
             return "unlimited"
+        seconds = seconds or self.lease_seconds
         lease = secrets.token_hex(8)
         client = self._redis()
         if client is not None:
             try:
-                got = client.eval(
-                    _ACQUIRE, 1, _leases_key(kind, user), limit, self.lease_seconds, lease
-                )
+                got = client.eval(_ACQUIRE, 1, _leases_key(kind, user), limit, seconds, lease)
                 return f"r:{lease}" if got else None
             except redis.RedisError as exc:
                 self._failed(exc)
@@ -172,7 +183,7 @@ class Quotas:
                 del leases[key]
             if len(leases) >= limit:
                 return None
-            leases[lease] = now + self.lease_seconds
+            leases[lease] = now + seconds
         return f"l:{lease}"
 
     def _renew(self, kind: str, user: str, lease: str) -> None:

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ PLACEHOLDERS = {
     "DIFY_API_KEY": "app-your-dify-app-key",
     "SUPABASE_JWT_SECRET": "your-supabase-legacy-jwt-secret",
     "SUPABASE_URL": "https://your-project-ref.supabase.co",
+    "DATABASE_URL": "postgresql://postgres:your-password@db.your-project-ref.supabase.co:5432/postgres",
 }
 # HS256 with a shorter key is guessable offline from one token (RFC 7518 3.2 asks for at least
 # 256 bits); Supabase's generated secrets are 40 characters or more.
@@ -68,6 +70,11 @@ class Settings:
     plan_claim: str = "app_metadata.plan"
     # plan name -> {setting name: value}, from PLANS; see `limit`.
     plans: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    database_url: str | None = None
+    usage_sqlite_path: str = "instance/dify-usage.sqlite3"
+    usage_outbox_path: str = "instance/dify-usage-outbox.sqlite3"
+    daily_cost_budget: Decimal = Decimal(0)
+    monthly_cost_budget: Decimal = Decimal(0)
 
     def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
         return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
@@ -298,7 +305,39 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         resume_spool_dir=_text(env, "RESUME_SPOOL_DIR"),
         plan_claim=_plan_claim(env),
         plans=_plans(env),
+        **ledger_location(env),
+        daily_cost_budget=_money(env, "DAILY_COST_BUDGET"),
+        monthly_cost_budget=_money(env, "MONTHLY_COST_BUDGET"),
     )
+
+
+def ledger_location(env: Mapping[str, str]) -> dict[str, str | None]:
+    """Where the usage ledger lives; also read alone by `python -m dify_proxy.ledger`, which
+    runs where the rest of the configuration may be absent (a release phase, scripts/run)."""
+    database_url = _text(env, "DATABASE_URL")
+    if database_url is not None and urlsplit(database_url).scheme not in (
+        "postgres",
+        "postgresql",
+    ):
+        raise ConfigError("DATABASE_URL must be a postgres:// or postgresql:// URL")
+    return {
+        "database_url": database_url,
+        "usage_sqlite_path": _text(env, "USAGE_SQLITE_PATH") or Settings.usage_sqlite_path,
+        "usage_outbox_path": _text(env, "USAGE_OUTBOX_PATH") or Settings.usage_outbox_path,
+    }
+
+
+def _money(env: Mapping[str, str], name: str) -> Decimal:
+    raw = _text(env, name)
+    if raw is None:
+        return Decimal(0)
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        value = Decimal(-1)
+    if not value.is_finite() or value < 0:
+        raise ConfigError(f"{name} must be an amount, 0 or more, such as 5 or 12.50")
+    return value
 
 
 def _redis_url(env: Mapping[str, str]) -> str | None:
@@ -315,6 +354,8 @@ PLAN_KEYS: dict[str, Callable[[Mapping[str, str], str], Any]] = {
     "max_streams_per_user": _count,
     "daily_token_budget": _count,
     "max_upload_bytes": _byte_count,
+    "daily_cost_budget": _money,
+    "monthly_cost_budget": _money,
 }
 
 

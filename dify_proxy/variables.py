@@ -44,6 +44,7 @@ TIMEOUTS = "Timeouts and logs"
 LIMITS = "Per-user limits (keyed by the session's sub)"
 BROWSERS = "Browsers"
 RESUME = "Resumable answers"
+LEDGER = "Usage ledger"
 ROUTES = "Other routes and operations"
 SERVER = "Server (gunicorn.conf.py)"
 
@@ -187,10 +188,26 @@ VARIABLES: tuple[Variable, ...] = (
         LIMITS,
         "Each plan's own limits, as JSON: plan names to objects whose keys are the lower-case"
         " names of the variables they override (`rate_limit`, `max_streams_per_user`,"
-        " `daily_token_budget`, `max_upload_bytes`). A user without a plan, or with an unknown"
+        " `daily_token_budget`, `max_upload_bytes`, `daily_cost_budget`, `monthly_cost_budget`)."
+        " A user without a plan, or with an unknown"
         " one, gets the variables' own values.",
         example='{"free": {"rate_limit": "10/minute", "max_streams_per_user": 1}}',
         more=" See Plans.",
+    ),
+    Variable(
+        "DAILY_COST_BUDGET",
+        LIMITS,
+        "Money per user per UTC day, in the currency Dify reports, counted from the usage"
+        " ledger plus a hold for each answer in flight (see Usage ledger); `0` is off.",
+        default="0",
+        example="0",
+    ),
+    Variable(
+        "MONTHLY_COST_BUDGET",
+        LIMITS,
+        "Money per user per UTC month, counted like `DAILY_COST_BUDGET`; `0` is off.",
+        default="0",
+        example="0",
     ),
     Variable(
         "CORS_ORIGINS",
@@ -266,6 +283,31 @@ VARIABLES: tuple[Variable, ...] = (
         " `REDIS_URL`, Redis also holds them, for other instances).",
         default_text="a fresh temporary directory per start",
         example="/tmp/dify-proxy-answers",
+    ),
+    Variable(
+        "DATABASE_URL",
+        LEDGER,
+        "PostgreSQL for the usage ledger (`public.dify_usage`): Supabase's (direct, or its"
+        " pooler, port 6543 included) or Heroku Postgres (`postgres://`, set by the add-on)."
+        " Unset, the ledger is the local SQLite file below.",
+        secret=True,
+        example="postgresql://postgres:your-password@db.your-project-ref.supabase.co:5432/postgres",
+        not_in_app_json="set by the heroku-postgresql add-on",
+    ),
+    Variable(
+        "USAGE_SQLITE_PATH",
+        LEDGER,
+        "The usage ledger's SQLite file when `DATABASE_URL` is unset (made on first use).",
+        default="instance/dify-usage.sqlite3",
+        example="instance/dify-usage.sqlite3",
+    ),
+    Variable(
+        "USAGE_OUTBOX_PATH",
+        LEDGER,
+        "Local SQLite file where usage rows wait while the ledger's database is away; shared"
+        " by every worker of an instance, sent when the database is back.",
+        default="instance/dify-usage-outbox.sqlite3",
+        example="instance/dify-usage-outbox.sqlite3",
     ),
     Variable(
         "APP_INFO_TTL",

@@ -26,12 +26,14 @@ DIFY_KEY = "app-unit-test-key-0123456789abcdef"
 
 
 @pytest.fixture
-def settings() -> Settings:
+def settings(tmp_path) -> Settings:
     return Settings(
         dify_api_key=DIFY_KEY,
         dify_api_url=DIFY_URL,
         supabase_jwt_secret=tokens.SECRET,
         heartbeat_interval=0.2,
+        usage_sqlite_path=str(tmp_path / "usage.sqlite3"),
+        usage_outbox_path=str(tmp_path / "usage-outbox.sqlite3"),
     )
 
 

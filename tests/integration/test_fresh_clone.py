@@ -87,7 +87,7 @@ def test_a_fresh_clone_with_a_filled_in_env_streams_a_reply_under_honcho(
     port = processes.free_port()
     with open(tmp_path / "honcho.log", "wb") as log:
         honcho = subprocess.Popen(
-            [str(VENV_BIN / "honcho"), "start", "--no-colour", "--port", str(port)],
+            [str(VENV_BIN / "honcho"), "start", "--no-colour", "--port", str(port), "web"],
             cwd=clone,
             env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "HOME": str(tmp_path)},
             stdout=log,

@@ -43,6 +43,9 @@ def start_proxy(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, 
         "PATH": os.environ.get("PATH", ""),
         "HOME": os.environ.get("HOME", "/tmp"),
         "PORT": str(port),
+        # Each proxy's own usage ledger, beside its log, unless the test names one.
+        "USAGE_SQLITE_PATH": str(log_path.parent / f"usage-{port}.sqlite3"),
+        "USAGE_OUTBOX_PATH": str(log_path.parent / f"usage-outbox-{port}.sqlite3"),
         **env,
     }
     with open(log_path, "ab") as log:

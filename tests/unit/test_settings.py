@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -403,3 +404,35 @@ def test_with_dev_tokens_no_supabase_key_is_needed() -> None:
 
 def test_without_dev_tokens_the_dev_token_secret_is_not_used() -> None:
     assert load_settings(env(DEV_TOKEN_SECRET=DEV_SECRET)).dev_token_secret is None
+
+
+def test_database_url_must_be_postgresql():
+    with pytest.raises(ConfigError, match="DATABASE_URL must be a postgres:// or postgresql://"):
+        load_settings(env(DATABASE_URL="mysql://u:p@h/d"))
+
+
+def test_database_url_is_refused_while_it_is_the_examples_placeholder():
+    with pytest.raises(ConfigError, match="DATABASE_URL is still the example's placeholder"):
+        load_settings(env(DATABASE_URL=PLACEHOLDERS["DATABASE_URL"]))
+
+
+def test_heroku_postgres_urls_are_accepted():
+    settings = load_settings(env(DATABASE_URL="postgres://u:p@ec2.example.com:5432/d"))
+    assert settings.database_url == "postgres://u:p@ec2.example.com:5432/d"
+
+
+@pytest.mark.parametrize("name", ["DAILY_COST_BUDGET", "MONTHLY_COST_BUDGET"])
+def test_cost_budgets_are_exact_amounts(name):
+    settings = load_settings(env(**{name: "12.50"}))
+    assert getattr(settings, name.lower()) == Decimal("12.50")
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "NaN", "Infinity"])
+def test_a_cost_budget_that_is_not_an_amount_is_refused_naming_it(value):
+    with pytest.raises(ConfigError, match="DAILY_COST_BUDGET must be an amount"):
+        load_settings(env(DAILY_COST_BUDGET=value))
+
+
+def test_the_database_urls_password_is_not_in_the_settings_repr():
+    settings = load_settings(env(DATABASE_URL="postgresql://u:hunter2secret@h:5432/d"))
+    assert "hunter2secret" not in repr(settings)

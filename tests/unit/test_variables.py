@@ -141,7 +141,13 @@ def test_readme_env_example_app_json_and_settings_list_the_same_variables():
     env_example = (ROOT / ".env.example").read_text()
     in_env_example = set(re.findall(r"^(?:# )?([A-Z][A-Z0-9_]*)=", env_example, re.MULTILINE))
     in_app_json = set(json.loads((ROOT / "app.json").read_text())["env"])
-    set_by_heroku_or_local_only = {"PORT", "REDIS_URL", "DEV_TOKENS", "DEV_TOKEN_SECRET"}
+    set_by_heroku_or_local_only = {
+        "PORT",
+        "REDIS_URL",
+        "DATABASE_URL",
+        "DEV_TOKENS",
+        "DEV_TOKEN_SECRET",
+    }
     read_by_code = names_read_by_settings() | set(names_used_through_os_environ())
 
     assert in_readme == in_env_example == read_by_code
@@ -156,10 +162,13 @@ def test_app_json_requires_the_dify_key_and_generates_the_metrics_token():
     assert all(entry["description"] for entry in env.values())
 
 
-def test_app_json_adds_heroku_redis_and_one_web_dyno_running_python():
+def test_app_json_adds_heroku_redis_postgres_and_one_web_dyno_running_python():
     manifest = json.loads((ROOT / "app.json").read_text())
 
-    assert [addon["plan"].split(":")[0] for addon in manifest["addons"]] == ["heroku-redis"]
+    assert [addon["plan"].split(":")[0] for addon in manifest["addons"]] == [
+        "heroku-redis",
+        "heroku-postgresql",  # the usage ledger (DATABASE_URL)
+    ]
     assert manifest["formation"]["web"]["quantity"] == 1
     assert manifest["buildpacks"] == [{"url": "heroku/python"}]
     assert len(manifest["name"]) <= 30 and len(manifest["description"]) <= 140
