@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .auth import Verifier
     from .dify import Dify
     from .quotas import Quotas
+    from .redisconn import RedisConn
 
     settings = settings or load_settings()
     app = Flask(__name__)
@@ -43,22 +44,22 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.extensions["dify_proxy.verifier"] = Verifier(settings)
     app.extensions["dify_proxy.dify"] = Dify(settings)
-    quotas = app.extensions["dify_proxy.quotas"] = Quotas(
-        settings.redis_url,
+    conn = RedisConn(settings.redis_url)  # one pool for the limits, the limiter, the records
+    app.extensions["dify_proxy.quotas"] = Quotas(
+        conn,
         max_streams=settings.max_streams_per_user,
         lease_seconds=settings.stream_lease_seconds,
         daily_token_budget=settings.daily_token_budget,
         max_uploads=MAX_UPLOADS_PER_USER,
+        max_resumes=settings.max_resumes_per_user,
     )
     app.extensions["dify_proxy.answers"] = Answers(
         settings.resume_spool_dir or tempfile.mkdtemp(prefix="dify-proxy-answers-"),
         window=settings.resume_window,
         max_bytes=settings.resume_max_bytes,
-        redis_client=quotas.redis,
-        on_redis_error=quotas.redis_failed,
-        redis_usable=quotas.redis_usable,
+        conn=conn,
     )
-    limits.init_app(app, settings)
+    limits.init_app(app, settings, conn)
 
     if settings.cors_origins:
         CORS(
@@ -103,7 +104,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             return {"status": "draining", "checks": {"config": "ok"}}, 503
         redis_state = "not configured"
         if settings.redis_url:
-            redis_state = "ok" if quotas.check_redis() else "unavailable"
+            redis_state = "ok" if conn.check() else "unavailable"
         status = "degraded" if redis_state == "unavailable" else "ok"
         return {"status": status, "checks": {"config": "ok", "redis": redis_state}}
 
