@@ -93,8 +93,10 @@ _HEAD = re.compile(rb"([oeptx]) ([0-9]{1,12}) ([0-9]{1,12})\n", re.ASCII)
 _HEAD_MAX = 28
 _PING = b"p 0 0\n"
 _CUT = b"t 0 0\n"
-# A record's last bytes when it has ended: its end, after a cut if it had one.
-_TAIL = re.compile(rb"(t 0 0\n)?x ([0-9]{1,12}) ([0-9]{1,12})\n([^\n]{0,200})\Z", re.ASCII)
+# A record's last bytes when it has ended: its end, after a cut if it had one. End reasons are
+# identifiers (completed, upstream_error, ...); any other still reads back, at the cost of
+# reading the record to its end.
+_TAIL = re.compile(rb"(t 0 0\n)?x ([0-9]{1,12}) ([0-9]{1,12})\n([A-Za-z0-9_.-]{0,64})\Z", re.ASCII)
 _TAIL_BYTES = 512
 INCOMPLETE_ENDS = frozenset({"abandoned"})  # stopped because nobody came back: not whole
 
@@ -158,7 +160,7 @@ def _ending(tail: bytes) -> Cut | End | None:
     match = _TAIL.search(tail)
     if match is None or int(match.group(3)) != len(match.group(4)):
         return None
-    reason = match.group(4).decode("utf-8", "replace")
+    reason = match.group(4).decode("ascii")
     if match.group(1) or reason in INCOMPLETE_ENDS:
         return Cut()
     return End(reason, int(match.group(2)))
@@ -422,6 +424,8 @@ class Answers:
             if broken is not None:
                 broken.touched = now
                 broken.ended = broken.ended or _TAIL.search(data) is not None
+                if broken.marked and broken.ended:
+                    del self._broken[stream_id]  # nothing more will come
                 continue  # what follows a hole is no use: only its Cut goes
             keys.add(REDIS_PREFIX + stream_id)
             pipe.xadd(REDIS_PREFIX + stream_id, {"b": data}, maxlen=MAX_ENTRIES, approximate=True)
