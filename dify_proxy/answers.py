@@ -52,7 +52,7 @@ FLUSH_SECONDS = 0.01  # how long events wait in memory before the flusher writes
 REDIS_SEND_SECONDS = 0.2
 ENTRY_BYTES = 64 * 1024  # what one Redis entry holds at most (bar one large event)
 READ_BYTES = 64 * 1024  # what a resume reads of the spool at a time
-READ_ENTRIES = 4  # what a resume reads of a Redis stream at a time
+READ_ENTRIES = 2  # what a resume reads of a Redis stream at a time (entries of ENTRY_BYTES)
 SWEEP_EVERY_SECONDS = 60.0
 # How often a running answer's Redis key has its expiry set again. Its expiry is the window plus
 # this, so a key outlives its answer's end by at least the window: one EXPIRE per answer every

@@ -21,7 +21,7 @@ from .redisconn import RedisConn
 BLOCK_MS = 250  # the reader's XREAD wait: under the client's socket timeout, and the producer
 # sends every REDIS_SEND_SECONDS (0.2 s), so a live stream returns sooner
 WAIT_SECONDS = 0.5  # how long a follower waits for news before it hears "nothing new"
-KEEP_ENTRIES = 32  # a stream's latest entries kept for its followers
+KEEP_ENTRIES = 16  # a stream's latest entries kept for its followers (about 3 s of it)
 FORGET_AFTER_SECONDS = 5.0  # a stream nobody has waited on this long is no longer read
 
 Entry = tuple[bytes, dict[bytes, Any]]  # as XRANGE gives them: id, fields

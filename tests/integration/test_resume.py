@@ -330,6 +330,16 @@ def metric(proxy, name: str) -> float:
     return values[0] if values else 0.0
 
 
+def in_redis(redis_server, first) -> None:
+    """Wait until the answer's record reached Redis (it is sent every 0.2 s)."""
+    key = "dify-proxy:answer:" + first.ids()[-1].rsplit("-", 1)[0]
+    client = redis_server.client()
+    deadline = time.monotonic() + 10
+    while not client.exists(key):
+        assert time.monotonic() < deadline, "the record never reached Redis"
+        time.sleep(0.05)
+
+
 def test_unread_resumes_of_a_long_answer_hold_little_memory(start_proxy, standin):
     """H1: each resume used to load the whole record and copy it again (about 15 MB per
     connection for a 4 MB answer); now it reads a piece at a time, as fast as its client."""
@@ -363,6 +373,7 @@ def test_a_resume_through_redis_of_a_live_answer_follows_it_live_and_keeps_it_al
     response = ask(a, {"events": 50, "interval": 0.1, "text": "w "})
     first = read_stream(response, until=lambda r: len(r.data()) >= 2)
     cut(response)
+    in_redis(redis_server, first)
 
     resumed = resume(b, first.ids()[-1])
     assert resumed.status_code == 200
@@ -387,6 +398,7 @@ def test_resumes_following_through_redis_share_one_redis_connection_per_worker(
     client = redis_server.client()
     response = ask(a, {"events": 100, "interval": 0.1, "text": "w "})
     first = read_stream(response, until=lambda r: len(r.data()) >= 2)
+    in_redis(redis_server, first)
     before = client.info("clients")["connected_clients"]
     n = 40
     with ThreadPoolExecutor(max_workers=n) as pool:
@@ -411,6 +423,7 @@ def test_at_a_drains_deadline_a_resume_of_another_instances_answer_ends_with_a_f
     )
     response = ask(a, {"events": 2, "interval": 0.1, "end": "hang"})
     first = read_stream(response, until=lambda r: len(r.data()) >= 1)
+    in_redis(redis_server, first)
     resumed = resume(b, first.ids()[-1])
     early = read_stream(resumed, until=lambda r: len(r.data()) >= 1)
     b.process.send_signal(signal.SIGTERM)
