@@ -288,15 +288,7 @@ def resume(event_id: str) -> Response:
         return Response(status=204)
     stream_id, after = parsed
     stats = g.stream_stats = StreamStats(started=g.started, stream_id=stream_id.encode())
-    lease = quotas.acquire_resume(user, stream_id)
-    if lease is None:
-        source.close()
-        raise over_limit(
-            "resumes",
-            "too_many_resumes",
-            f"At most {settings.max_resumes_per_user} resumed answers at a time; "
-            "close one, or wait for one to finish.",
-        )
+    lease = ""
     body = follow(
         source,
         stream_id,
@@ -305,12 +297,21 @@ def resume(event_id: str) -> Response:
         give_up_after=settings.dify_read_timeout + 2 * settings.heartbeat_interval,
         stats=stats,
         mark_seen=functools.partial(answers.mark_seen, stream_id),
-        still_wanted=functools.partial(quotas.renew_resume, user, lease),
+        still_wanted=lambda: quotas.renew_resume(user, lease),  # the lease taken below
         on_end=lambda stats: resumed(stream_id, after, stats),
     )
     if body is None:
-        quotas.release_resume(user, lease)
         return Response(status=204)
+    taken = quotas.acquire_resume(user, stream_id)  # only for a resume that streams
+    if taken is None:
+        source.close()
+        raise over_limit(
+            "resumes",
+            "too_many_resumes",
+            f"At most {settings.max_resumes_per_user} resumed answers at a time; "
+            "close one, or wait for one to finish.",
+        )
+    lease = taken
     metrics.RESUMES.inc()
 
     def finished() -> None:  # also when the stream never started
