@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .dify import Dify
     from .ledger import Ledger
     from .quotas import Quotas
+    from .redisconn import RedisConn
 
     settings = settings or load_settings()
     app = Flask(__name__)
@@ -45,13 +46,15 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.extensions["dify_proxy.verifier"] = Verifier(settings)
     app.extensions["dify_proxy.dify"] = Dify(settings)
+    conn = RedisConn(settings.redis_url)  # one pool for the limits, the limiter, the records
     quotas = app.extensions["dify_proxy.quotas"] = Quotas(
-        settings.redis_url,
+        conn,
         max_streams=settings.max_streams_per_user,
         lease_seconds=settings.stream_lease_seconds,
         daily_token_budget=settings.daily_token_budget,
         max_uploads=MAX_UPLOADS_PER_USER,
         count_tokens=any(budget > 0 for budget in settings.any_limit("daily_token_budget")),
+        max_resumes=settings.max_resumes_per_user,
     )
     spool_dir = settings.resume_spool_dir
     if spool_dir is None:
@@ -64,16 +67,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         spool_dir,
         window=settings.resume_window,
         max_bytes=settings.resume_max_bytes,
-        redis_client=quotas.redis,
-        on_redis_error=quotas.redis_failed,
-        redis_usable=quotas.redis_usable,
+        conn=conn,
     )
     ledger = app.extensions["dify_proxy.ledger"] = Ledger.from_settings(settings)
     budgets = app.extensions["dify_proxy.budgets"] = Budgets(
         settings.daily_cost_budget, settings.monthly_cost_budget, quotas, ledger
     )
     ledger.on_written = budgets.written
-    limits.init_app(app, settings)
+    limits.init_app(app, settings, conn)
 
     if settings.cors_origins:
         CORS(
@@ -119,7 +120,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             return {"status": "draining", "checks": {"config": "ok"}}, 503
         redis_state = "not configured"
         if settings.redis_url:
-            redis_state = "ok" if quotas.check_redis() else "unavailable"
+            redis_state = "ok" if conn.check() else "unavailable"
         status = "degraded" if redis_state == "unavailable" else "ok"
         return {"status": status, "checks": {"config": "ok", "redis": redis_state}}
 

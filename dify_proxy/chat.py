@@ -19,10 +19,11 @@ import requests
 from flask import Blueprint, Response, current_app, g, request
 
 from . import jsontext, metrics
-from .answers import Answers, parse_event_id
+from .answers import Answers
 from .auth import require_session
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
+from .eventids import parse_event_id
 from .limits import SLOT_RETRY_SECONDS, in_words, over_limit, per_user, user_limit
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
@@ -244,16 +245,21 @@ def resume(event_id: str) -> Response:
     """Replay an answer after `event_id`, then follow it live, then end it as it ended.
 
     An unknown, expired, too long or someone else's answer gets the same 204 a finished one
-    used to get: the client stops, and nothing tells it whether the id exists.
+    used to get: the client stops, and nothing tells it whether the id exists. A resume takes
+    one of the user's MAX_RESUMES_PER_USER slots while it streams, and replaces the user's
+    earlier resumes of the same answer.
     """
     settings = current_app.config["SETTINGS"]
     answers: Answers = current_app.extensions["dify_proxy.answers"]
+    quotas: Quotas = current_app.extensions["dify_proxy.quotas"]
+    user = g.user_id
     parsed = parse_event_id(event_id)
-    source = answers.find(parsed[0], g.user_id) if parsed else None
+    source = answers.find(parsed[0], user) if parsed else None
     if parsed is None or source is None:
         return Response(status=204)
     stream_id, after = parsed
     stats = g.stream_stats = StreamStats(started=g.started, stream_id=stream_id.encode())
+    lease = ""
     body = follow(
         source,
         stream_id,
@@ -262,21 +268,45 @@ def resume(event_id: str) -> Response:
         give_up_after=settings.dify_read_timeout + 2 * settings.heartbeat_interval,
         stats=stats,
         mark_seen=functools.partial(answers.mark_seen, stream_id),
+        still_wanted=lambda: quotas.renew_resume(user, lease),  # the lease taken below
+        on_end=lambda stats: resumed(stream_id, after, stats),
     )
     if body is None:
         return Response(status=204)
+    taken = quotas.acquire_resume(user, stream_id)  # only for a resume that streams
+    if taken is None:
+        source.close()
+        raise over_limit(
+            "resumes",
+            "too_many_resumes",
+            "Resumed answer limit reached",
+            f"{settings.max_resumes_per_user} at a time",
+            "a slot frees when you close one, or when one finishes",
+            SLOT_RETRY_SECONDS,
+        )
+    lease = taken
     current_app.extensions["dify_proxy.ledger"].resumed(stream_id)
     metrics.RESUMES.inc()
-    metrics.REPLAYED_EVENTS.inc(stats.replayed or 0)
-    log.info(
-        "answer resumed",
-        extra={"fields": {"stream": stream_id, "after": after, "replayed": stats.replayed}},
-    )
-    return Response(
+
+    def finished() -> None:  # also when the stream never started
+        source.close()
+        quotas.release_resume(user, lease)
+
+    response = Response(
         body,
         status=200,
         content_type="text/event-stream; charset=utf-8",
         headers=STREAM_HEADERS,
+    )
+    response.call_on_close(finished)
+    return response
+
+
+def resumed(stream_id: str, after: int, stats: StreamStats) -> None:
+    metrics.REPLAYED_EVENTS.inc(stats.replayed or 0)
+    log.info(
+        "answer resumed",
+        extra={"fields": {"stream": stream_id, "after": after, "replayed": stats.replayed}},
     )
 
 

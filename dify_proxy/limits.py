@@ -19,7 +19,7 @@ from flask_limiter import Limiter, RateLimitExceeded
 
 from . import metrics
 from .errors import ApiError, error_response
-from .quotas import redis_options
+from .redisconn import RedisConn
 from .settings import Settings
 
 # Fixed windows, not moving ones: the in-memory storage sweeps every key it holds every 10 ms
@@ -37,7 +37,7 @@ limiter = Limiter(
 )
 
 
-def init_app(app: Flask, settings: Settings) -> None:
+def init_app(app: Flask, settings: Settings, conn: RedisConn) -> None:
     # Registered before Flask-Limiter's own hook, so it runs after it (Flask runs after-request
     # functions in reverse order).
     app.after_request(keep_explicit_retry_after)
@@ -45,7 +45,10 @@ def init_app(app: Flask, settings: Settings) -> None:
     app.config.update(
         RATELIMIT_ENABLED=any(rate is not None for rate in settings.any_limit("rate_limit")),
         RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
-        RATELIMIT_STORAGE_OPTIONS=redis_options(settings.redis_url) if settings.redis_url else {},
+        # The app's own connection pool: one set of Redis connections per worker, not two.
+        RATELIMIT_STORAGE_OPTIONS=(
+            {"connection_pool": conn.client.connection_pool} if conn.client is not None else {}
+        ),
     )
     limiter.init_app(app)
 

@@ -25,7 +25,7 @@ ERROR_STATUSES = {
     "408": "The request body arrived too slowly.",
     "413": "The request body is too large.",
     "415": "Wrong Content-Type.",
-    "429": "A per-user limit (rate, streams, uploads, daily tokens) or Dify's own.",
+    "429": "A per-user limit (rate, streams, resumes, uploads, daily tokens) or Dify's own.",
     "502": "Dify failed or is unreachable.",
     "503": "Session keys cannot be fetched right now.",
     "504": "Dify did not answer in time.",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import secrets
 import socket
 import threading
 import time
@@ -28,7 +27,8 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from . import sse
-from .answers import PING_ITEM, Recorder, event_head
+from .answers import Recorder
+from .eventids import event_id, new_stream_id
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,12 @@ _open: dict[queue.Queue, _Answer] = {}  # every answer still running or still be
 _done_lock = threading.Lock()
 _draining = threading.Event()
 _waiting: set[Any] = set()  # requests waiting for Dify's response head
+_following: set[threading.Event] = set()  # each open resume's "end now" (resume.py)
 RECONNECT_AFTER_MS = 1000  # the `retry:` hint on a restart's final event
+RESTARTING_MESSAGE = (
+    "The server is restarting; the answer is incomplete. Reconnect to get what was recorded, "
+    "or ask again."
+)
 TERMINAL_EVENTS = frozenset({"message_end", "error"})
 # Where Dify reports the tokens an answer used: `message_end` (its metadata.usage), and for a
 # chatflow `workflow_finished` too (data.total_tokens), which is all a stopped one may send.
@@ -54,8 +59,7 @@ class StreamStats:
     """What the request log line reports about a stream; filled in as it runs."""
 
     started: float = field(default_factory=time.perf_counter)
-    # 128 random bits: the id is all it takes to name an answer in a reconnect.
-    stream_id: bytes = field(default_factory=lambda: secrets.token_urlsafe(16).encode())
+    stream_id: bytes = field(default_factory=new_stream_id)
     first_event: float | None = None
     events: int = 0
     bytes: int = 0
@@ -119,7 +123,7 @@ def relay(
     try:
         # An empty write sends the response head now (gunicorn flushes it before the body), so
         # a browser or a router sees the stream open before Dify's first event.
-        yield sse.opening(_event_id(stats, 0)) if ids else b""
+        yield sse.opening(event_id(stats.stream_id, 0)) if ids else b""
         answer.reader.start()
         while True:
             try:
@@ -228,6 +232,15 @@ def waiting_for_dify(handle: Any) -> Callable[[], None]:
     return lambda: _waiting.discard(handle)
 
 
+def following() -> tuple[threading.Event, Callable[[], None]]:
+    """Register a resume that is being streamed: the drain waits for it as for an answer, and
+    at its deadline sets the event, on which the resume ends with `server_restarting`. Returns
+    the event and the call that unregisters it."""
+    flag = threading.Event()
+    _following.add(flag)
+    return flag, lambda: _following.discard(flag)
+
+
 def drain(
     deadline: float, interrupt: Callable[[Any], None] = lambda handle: None
 ) -> dict[str, int]:
@@ -244,7 +257,11 @@ def drain(
     until = time.monotonic() + deadline
     running = [answer for answer in _open.values() if not answer.finished.is_set()]
     while time.monotonic() < until:
-        if not _waiting and all(answer.finished.is_set() for answer in list(_open.values())):
+        if (
+            not _waiting
+            and not _following
+            and all(answer.finished.is_set() for answer in list(_open.values()))
+        ):
             break
         time.sleep(0.1)
     ended = [answer for answer in _open.values() if not answer.finished.is_set()]
@@ -253,15 +270,19 @@ def drain(
             "server_restarting",
             503,
             "server_restarting",
-            "The server is restarting; the answer is incomplete. Reconnect to get what was "
-            "recorded, or ask again.",
+            RESTARTING_MESSAGE,
         )
         _hang_up(answer.upstream)
     interrupted = list(_waiting)
     for handle in interrupted:
         interrupt(handle)
+    for flag in list(_following):
+        flag.set()
     for answer in ended:
         answer.finished.wait(2.0)
+    until = time.monotonic() + 2.0
+    while _following and time.monotonic() < until:
+        time.sleep(0.05)
     return {
         "finished": sum(1 for answer in running if answer not in ended),
         "ended_at_deadline": len(ended),
@@ -281,13 +302,15 @@ def _read(
     if stats.usage is None and end.reason != "completed":
         stats.usage = _usage_estimate(stats.events - (1 if end.final else 0))
     if end.final:
-        stats_seq = stats.events
+        seq = stats.events
+        restarting = end.reason == "server_restarting"  # come back soon, to whichever instance
         if answer.recorder is not None:
-            head = event_head(stats_seq, end.final)
-            answer.recorder.events([head, end.final], len(end.final))
+            # A resumed copy needs its `retry:` line too.
+            recorded = sse.with_retry(end.final, RECONNECT_AFTER_MS) if restarting else end.final
+            answer.recorder.events([(seq, recorded)], len(recorded))
         if answer.ids:
-            final = sse.with_id(end.final, _event_id(stats, stats_seq))
-            if end.reason == "server_restarting":  # come back soon, to whichever instance
+            final = sse.with_id(end.final, event_id(stats.stream_id, seq))
+            if restarting:
                 final = sse.with_retry(final, RECONNECT_AFTER_MS)
             end = _End(end.reason, final)
     if answer.recorder is not None:
@@ -319,15 +342,15 @@ def _read_events(answer: _Answer) -> _End:
             if not events:
                 continue
             out = []
-            records: list[bytes] = []
+            records: list[tuple[int, bytes]] = []
             size = 0
+            pinged = False
             for event in events:
                 # Dify's events carry their type in the JSON, so one search tells most of them
                 # apart from pings; only a block without it needs a look for a `data:` line.
                 kind = sse.event_type(event)
                 if kind == "ping" or (kind is None and not sse.is_data_event(event)):
-                    if recorder is not None:
-                        records.append(PING_ITEM)
+                    pinged = True
                     out.append(event)  # Dify's pings, and anything else, exactly as sent
                     continue
                 stats.events += 1
@@ -337,11 +360,11 @@ def _read_events(answer: _Answer) -> _End:
                 if kind in TERMINAL_EVENTS:
                     terminal = kind
                 if recorder is not None:
-                    records += (event_head(seq, event), event)
+                    records.append((seq, event))
                     size += len(event)
-                out.append(sse.with_id(event, b"%b-%d" % (sid, seq)) if ids else event)
-            if records:
-                recorder.events(records, size)
+                out.append(sse.with_id(event, event_id(sid, seq)) if ids else event)
+            if recorder is not None and (records or pinged):
+                recorder.events(records, size, pinged)
             if answer.attached:
                 answer.handoff.put(b"".join(out))
             # While Dify sends faster than we read, the socket never blocks, and a greenlet
@@ -423,10 +446,6 @@ def _usage_estimate(dify_events: int) -> dict[str, Any] | None:
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
-
-
-def _event_id(stats: StreamStats, seq: int) -> bytes:
-    return b"%b-%d" % (stats.stream_id, seq)
 
 
 def _failed_ending(stats: StreamStats, reason: str, status: int, code: str, message: str) -> _End:

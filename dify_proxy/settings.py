@@ -75,6 +75,7 @@ class Settings:
     usage_outbox_path: str = "instance/dify-usage-outbox.sqlite3"
     daily_cost_budget: Decimal = Decimal(0)
     monthly_cost_budget: Decimal = Decimal(0)
+    max_resumes_per_user: int = 5
 
     def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
         return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
@@ -308,6 +309,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         **ledger_location(env),
         daily_cost_budget=_money(env, "DAILY_COST_BUDGET"),
         monthly_cost_budget=_money(env, "MONTHLY_COST_BUDGET"),
+        max_resumes_per_user=_count(env, "MAX_RESUMES_PER_USER", Settings.max_resumes_per_user),
     )
 
 

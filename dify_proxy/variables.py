@@ -310,6 +310,15 @@ VARIABLES: tuple[Variable, ...] = (
         example="instance/dify-usage-outbox.sqlite3",
     ),
     Variable(
+        "MAX_RESUMES_PER_USER",
+        RESUME,
+        "Resumes one user may have streaming at once (across instances with `REDIS_URL`); a"
+        " resume of an answer replaces the user's earlier resumes of it, so a client that"
+        " reconnects never counts twice. `0` for no limit.",
+        default="5",
+        example="5",
+    ),
+    Variable(
         "APP_INFO_TTL",
         ROUTES,
         "Seconds each worker keeps Dify's `/parameters`, `/meta` and `/info` answers;"

@@ -5,11 +5,15 @@ the stand-in, and a real redis-server where instances share the record."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 
+from dify_proxy import redisconn
 from tests.integration.conftest import scenario
 from tests.support import tokens
 from tests.support.sse_client import read_stream
@@ -278,3 +282,174 @@ def test_resumes_are_logged_and_counted(start_proxy, standin):
     assert lines and lines[0]["replayed"] >= 0
     metrics = requests.get(f"{proxy.url}/metrics", timeout=5).text
     assert "dify_proxy_resumes_total 1.0" in metrics
+
+
+# --- what the second outside probe found (issue 20) ------------------------------------------
+
+
+def worker_pids(proxy) -> list[int]:
+    """gunicorn's workers: the children of the master."""
+    master = proxy.process.pid
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"\nPPid:\t{master}\n" in text:
+            pids.append(int(status.parent.name))
+    return pids
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def unread_resume(proxy, last_id: str, sub=ALICE) -> socket.socket:
+    """A GET resume whose client never reads a byte of the answer."""
+    sock = socket.create_connection((proxy.url.split("//")[1].split(":")[0], port_of(proxy)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    token = tokens.hs256(sub=sub)
+    sock.sendall(
+        f"GET /api/chat?lastEventId={last_id} HTTP/1.1\r\nHost: proxy\r\n"
+        f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
+    return sock
+
+
+def port_of(proxy) -> int:
+    return int(proxy.url.rsplit(":", 1)[1])
+
+
+def metric(proxy, name: str) -> float:
+    text = requests.get(f"{proxy.url}/metrics", timeout=5).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0] if values else 0.0
+
+
+def in_redis(redis_server, first) -> None:
+    """Wait until the answer's record reached Redis (it is sent every 0.2 s)."""
+    key = "dify-proxy:answer:" + first.ids()[-1].rsplit("-", 1)[0]
+    client = redis_server.client()
+    deadline = time.monotonic() + 10
+    while not client.exists(key):
+        assert time.monotonic() < deadline, "the record never reached Redis"
+        time.sleep(0.05)
+
+
+def test_unread_resumes_of_a_long_answer_hold_little_memory(start_proxy, standin):
+    """H1: each resume used to load the whole record and copy it again (about 15 MB per
+    connection for a 4 MB answer); now it reads a piece at a time, as fast as its client."""
+    proxy = start_proxy(WEB_CONCURRENCY="1", RESUME_MAX_BYTES=str(16 * 2**20), RESUME_GRACE="10")
+    whole = read_stream(ask(proxy, {"events": 2000, "interval": 0, "pad": 2000}), seconds=60)
+    assert whole.data()[-1]["event"] == "message_end"
+    (worker,) = worker_pids(proxy)
+    before = rss_mb(worker)
+    n = 40
+    socks = [unread_resume(proxy, whole.ids()[0]) for _ in range(n)]
+    try:
+        deadline = time.monotonic() + 60
+        while metric(proxy, "dify_proxy_resumes_total") < n:
+            assert time.monotonic() < deadline, "the resumes did not all start"
+            time.sleep(0.2)
+        time.sleep(1)  # each writes until its client's buffers are full
+        grown = rss_mb(worker) - before
+    finally:
+        for sock in socks:
+            sock.close()
+    assert grown < n * 1.0, f"{grown:.0f} MB for {n} unread resumes"
+
+
+def test_a_resume_through_redis_of_a_live_answer_follows_it_live_and_keeps_it_alive(
+    start_proxy, standin, redis_server
+):
+    """M1: the resume on instance B sent nothing until the answer ended, and the answer was
+    abandoned after the grace meanwhile."""
+    a = start_proxy(RESUME_GRACE="1", REDIS_URL=redis_server.url)
+    b = start_proxy(RESUME_GRACE="1", REDIS_URL=redis_server.url)
+    response = ask(a, {"events": 50, "interval": 0.1, "text": "w "})
+    first = read_stream(response, until=lambda r: len(r.data()) >= 2)
+    cut(response)
+    in_redis(redis_server, first)
+
+    resumed = resume(b, first.ids()[-1])
+    assert resumed.status_code == 200
+    early = read_stream(resumed, until=lambda r: len(r.data()) >= 3)
+    assert standin.chats()[0]["stream_end"] is None  # the answer is still streaming
+    rest = read_stream(resumed)
+
+    assert (early.data() + rest.data())[-1]["event"] == "message_end"
+    assert answer_of(first, early, rest) == "w " * 50
+    assert not standin.stops()
+
+
+def test_resumes_following_through_redis_share_one_redis_connection_per_worker(
+    start_proxy, standin, redis_server
+):
+    """M5: each follower held a blocking XREAD, so Redis connections grew with followers; now
+    a worker's followers share one, and the worker's pool is bounded whatever they do."""
+    a = start_proxy(RESUME_GRACE="10", REDIS_URL=redis_server.url)
+    b = start_proxy(
+        RESUME_GRACE="10", REDIS_URL=redis_server.url, WEB_CONCURRENCY="1", MAX_RESUMES_PER_USER="0"
+    )
+    client = redis_server.client()
+    response = ask(a, {"events": 100, "interval": 0.1, "text": "w "})
+    first = read_stream(response, until=lambda r: len(r.data()) >= 2)
+    in_redis(redis_server, first)
+    before = client.info("clients")["connected_clients"]
+    n = 40
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        followers = [pool.submit(resume, b, first.ids()[-1]) for _ in range(n)]
+        time.sleep(3)  # all following by now
+        grown = client.info("clients")["connected_clients"] - before
+        assert standin.chats()[0]["stream_end"] is None
+        response.close()
+        for follower in followers:
+            follower.result().close()
+    assert grown <= redisconn.MAX_CONNECTIONS, f"{grown} more Redis connections for {n} followers"
+
+
+def test_at_a_drains_deadline_a_resume_of_another_instances_answer_ends_with_a_final_event(
+    start_proxy, standin, redis_server
+):
+    """L8: it was cut at the deadline with no final event; now it gets server_restarting with
+    an id and a `retry:` line, as an answer does."""
+    a = start_proxy(RESUME_GRACE="30", REDIS_URL=redis_server.url)
+    b = start_proxy(
+        RESUME_GRACE="30", REDIS_URL=redis_server.url, GUNICORN_CMD_ARGS="--graceful-timeout 4"
+    )
+    response = ask(a, {"events": 2, "interval": 0.1, "end": "hang"})
+    first = read_stream(response, until=lambda r: len(r.data()) >= 1)
+    in_redis(redis_server, first)
+    resumed = resume(b, first.ids()[-1])
+    early = read_stream(resumed, until=lambda r: len(r.data()) >= 1)
+    b.process.send_signal(signal.SIGTERM)
+    rest = read_stream(resumed)
+    response.close()
+
+    last = (early.data() + rest.data())[-1]
+    assert last["event"] == "error" and last["code"] == "server_restarting"
+    block = rest.events()[-1]
+    assert b"\nid: " in block and b"\nretry: 1000\n" in block
+
+
+def test_the_resumed_copy_of_a_server_restarting_event_keeps_its_retry_line(
+    start_proxy, standin, tmp_path
+):
+    spool = str(tmp_path / "spool")
+    a = start_proxy(
+        RESUME_GRACE="30", RESUME_SPOOL_DIR=spool, GUNICORN_CMD_ARGS="--graceful-timeout 4"
+    )
+    b = start_proxy(RESUME_GRACE="30", RESUME_SPOOL_DIR=spool)
+    response = ask(a, {"events": 1, "end": "hang"})
+    first = read_stream(response, until=lambda r: len(r.data()) >= 1)
+    a.process.send_signal(signal.SIGTERM)
+    read_stream(response)
+
+    rest = read_stream(resume(b, first.ids()[-1]))
+
+    assert rest.data()[-1]["code"] == "server_restarting"
+    assert b"\nretry: 1000\n" in rest.events()[-1]

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from dify_proxy import quotas as quotas_module
+from dify_proxy import redisconn
 from dify_proxy.quotas import Quotas
 from tests.support.processes import free_port
 from tests.support.redis_server import RedisServer
@@ -97,39 +98,39 @@ def test_when_redis_is_unreachable_budgets_fall_back_to_the_process(unreachable)
 
 
 def test_an_unreachable_redis_is_logged_once_per_interval(unreachable, caplog, monkeypatch):
-    monkeypatch.setattr(quotas_module, "REDIS_RETRY_SECONDS", 0)  # try Redis every time
-    with caplog.at_level(logging.ERROR, logger="dify_proxy.quotas"):
+    monkeypatch.setattr(redisconn, "REDIS_RETRY_SECONDS", 0)  # try Redis every time
+    with caplog.at_level(logging.ERROR, logger="dify_proxy.redisconn"):
         for _ in range(5):
             unreachable.acquire_stream("u")
-            unreachable.check_redis()
+            unreachable.conn.check()
     assert len([r for r in caplog.records if "redis unavailable" in r.getMessage()]) == 1
 
 
 def test_without_redis_configured_redis_is_never_usable():
-    assert local().redis_usable() is False
+    assert local().conn.usable() is False
 
 
 def test_a_configured_redis_is_usable_until_it_fails(unreachable):
-    assert unreachable.redis_usable() is True
+    assert unreachable.conn.usable() is True
 
 
 def test_a_failure_seen_by_another_user_of_redis_backs_the_limits_off_it_too(unreachable):
     """The answer records share this Redis: their failure puts leases and budgets on local
     counts at once, without each paying a timeout to find out."""
-    unreachable.redis_failed(redis.ConnectionError("down"))
-    assert unreachable.redis_usable() is False
-    assert unreachable.redis_error == "ConnectionError"
+    unreachable.conn.failed(redis.ConnectionError("down"))
+    assert unreachable.conn.usable() is False
+    assert unreachable.conn.error == "ConnectionError"
 
 
 def test_redis_is_tried_again_after_the_back_off(unreachable, monkeypatch):
-    unreachable.redis_failed(redis.TimeoutError("slow"))
-    later = time.monotonic() + quotas_module.REDIS_RETRY_SECONDS + 1
+    unreachable.conn.failed(redis.TimeoutError("slow"))
+    later = time.monotonic() + redisconn.REDIS_RETRY_SECONDS + 1
     monkeypatch.setattr(quotas_module.time, "monotonic", lambda: later)
-    assert unreachable.redis_usable() is True
+    assert unreachable.conn.usable() is True
 
 
-def test_check_redis_reports_an_unreachable_redis(unreachable):
-    assert unreachable.check_redis() is False
+def test_a_redis_check_reports_an_unreachable_redis(unreachable):
+    assert unreachable.conn.check() is False
 
 
 def test_uploads_have_their_own_cap_apart_from_streams():
@@ -144,9 +145,9 @@ def test_uploads_have_their_own_cap_apart_from_streams():
 
 
 def test_rediss_skips_certificate_checks_unless_the_url_asks_for_them():
-    plain = quotas_module.redis_options("redis://h:6379/0")
-    tls = quotas_module.redis_options("rediss://h:6380/0")
-    asked = quotas_module.redis_options("rediss://h:6380/0?ssl_cert_reqs=required")
+    plain = redisconn.redis_options("redis://h:6379/0")
+    tls = redisconn.redis_options("rediss://h:6380/0")
+    asked = redisconn.redis_options("rediss://h:6380/0?ssl_cert_reqs=required")
     assert "ssl_cert_reqs" not in plain
     assert tls["ssl_cert_reqs"] == "none" and tls["ssl_check_hostname"] is False
     assert "ssl_cert_reqs" not in asked
@@ -314,11 +315,11 @@ def test_without_a_budget_nothing_is_written_to_redis(redis_url):
     assert redis.Redis.from_url(redis_url).keys("*") == []
 
 
-def test_check_redis_reports_a_reachable_redis_and_clears_the_last_error(redis_url):
+def test_a_redis_check_reports_a_reachable_redis_and_clears_the_last_error(redis_url):
     quotas = shared(redis_url)
-    quotas.redis_error = "ConnectionError"
-    assert quotas.check_redis() is True
-    assert quotas.redis_error is None
+    quotas.conn.error = "ConnectionError"
+    assert quotas.conn.check() is True
+    assert quotas.conn.error is None
 
 
 def test_after_a_redis_failure_counts_stay_local_until_the_retry_interval_passes(monkeypatch):
@@ -327,11 +328,11 @@ def test_after_a_redis_failure_counts_stay_local_until_the_retry_interval_passes
     now = [1000.0]
     monkeypatch.setattr(quotas_module.time, "monotonic", lambda: now[0])
     assert quotas.acquire_stream("u") is not None
-    assert quotas.redis_error == "ConnectionError"
+    assert quotas.conn.error == "ConnectionError"
     server.start()
     try:
         client = redis.Redis.from_url(server.url)
-        now[0] += quotas_module.REDIS_RETRY_SECONDS - 0.1
+        now[0] += redisconn.REDIS_RETRY_SECONDS - 0.1
         quotas.acquire_stream("u")
         assert client.keys("*") == []
         now[0] += 0.1
@@ -344,8 +345,8 @@ def test_after_a_redis_failure_counts_stay_local_until_the_retry_interval_passes
 # --- what the last survivors of mutation testing showed --------------------------------------
 
 
-def test_without_redis_check_redis_reports_ready():
-    assert local().check_redis() is True
+def test_without_redis_the_redis_check_reports_ready():
+    assert local().conn.check() is True
 
 
 def test_releasing_a_lease_of_a_user_with_none_left_is_harmless():
@@ -415,13 +416,13 @@ def test_a_hanging_redis_costs_one_timeout_then_counts_go_local():
             f"redis://{host}:{port}/0", max_streams=1, lease_seconds=60, daily_token_budget=0
         )
         assert quotas.acquire_stream("u") is not None
-        assert quotas.redis_error == "TimeoutError"
+        assert quotas.conn.error == "TimeoutError"
 
 
 @pytest.mark.parametrize(
     "operation",
     [
-        "check_redis",
+        "check",
         "acquire_stream",
         "renew_stream",
         "release_stream",
@@ -430,15 +431,15 @@ def test_a_hanging_redis_costs_one_timeout_then_counts_go_local():
     ],
 )
 def test_every_redis_operation_that_fails_records_why_for_readyz(monkeypatch, operation):
-    monkeypatch.setattr(quotas_module, "REDIS_RETRY_SECONDS", 0)
+    monkeypatch.setattr(redisconn, "REDIS_RETRY_SECONDS", 0)
     server = RedisServer()
     server.start()
     quotas = shared(server.url, max_streams=2, budget=10)
     lease = quotas.acquire_stream("u")
-    assert lease is not None and quotas.redis_error is None
+    assert lease is not None and quotas.conn.error is None
     server.stop()
     calls = {
-        "check_redis": lambda: quotas.check_redis(),
+        "check": lambda: quotas.conn.check(),
         "acquire_stream": lambda: quotas.acquire_stream("u"),
         "renew_stream": lambda: quotas.renew_stream("u", lease),
         "release_stream": lambda: quotas.release_stream("u", lease),
@@ -446,11 +447,11 @@ def test_every_redis_operation_that_fails_records_why_for_readyz(monkeypatch, op
         "add_tokens": lambda: quotas.add_tokens("u", 1),
     }
     calls[operation]()
-    assert quotas.redis_error == "ConnectionError"
+    assert quotas.conn.error == "ConnectionError"
 
 
 def test_the_redis_error_log_line_names_the_error(unreachable, caplog):
-    with caplog.at_level(logging.ERROR, logger="dify_proxy.quotas"):
+    with caplog.at_level(logging.ERROR, logger="dify_proxy.redisconn"):
         unreachable.acquire_stream("u")
     assert "(ConnectionError)" in caplog.records[0].getMessage()
 
@@ -458,12 +459,12 @@ def test_the_redis_error_log_line_names_the_error(unreachable, caplog):
 def test_a_redis_that_stays_down_is_logged_again_after_each_interval(
     unreachable, caplog, monkeypatch
 ):
-    monkeypatch.setattr(quotas_module, "REDIS_RETRY_SECONDS", 0)
+    monkeypatch.setattr(redisconn, "REDIS_RETRY_SECONDS", 0)
     now = [5000.0]
     monkeypatch.setattr(quotas_module.time, "monotonic", lambda: now[0])
-    with caplog.at_level(logging.ERROR, logger="dify_proxy.quotas"):
+    with caplog.at_level(logging.ERROR, logger="dify_proxy.redisconn"):
         unreachable.acquire_stream("u")
-        now[0] += quotas_module.ERROR_LOG_INTERVAL_SECONDS - 0.5
+        now[0] += redisconn.ERROR_LOG_INTERVAL_SECONDS - 0.5
         unreachable.acquire_stream("u")
         now[0] += 0.5
         unreachable.acquire_stream("u")
