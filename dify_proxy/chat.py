@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from .auth import require_session
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import over_limit, per_user
+from .owners import Owners
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
 from .resume import follow
@@ -134,15 +136,36 @@ def chat_from_query() -> Response:
 
 
 def answer(payload: dict[str, Any]) -> Response:
-    """Call Dify within the user's limits and relay what it says."""
+    """Ask Dify the question within the user's limits and relay what it says."""
+    dify: Dify = current_app.extensions["dify_proxy.dify"]
+    return run_answer(
+        functools.partial(dify.chat, payload), streaming=payload["response_mode"] == "streaming"
+    )
+
+
+def run_answer(
+    call: Callable[..., requests.Response],
+    *,
+    streaming: bool,
+    app: str = "chat",
+    budget: bool = True,
+    follow_run: bool = False,
+) -> Response:
+    """Any answer of Dify's, to any route: `call(stream=...)` makes the upstream call, and this
+    wraps it in the user's limits (the daily budget when `budget`, a stream lease), relays it
+    (heartbeats, grace, stop-on-disconnect through `app`'s stop call, recording for resumes),
+    binds the ids it hands out to the user, and counts its tokens. With `follow_run` (an
+    already running run followed), a client that leaves before anything but pings came hangs
+    up without waiting to stop it: a paused run must stay paused."""
     settings = current_app.config["SETTINGS"]
     quotas: Quotas = current_app.extensions["dify_proxy.quotas"]
     dify: Dify = current_app.extensions["dify_proxy.dify"]
+    owners: Owners = current_app.extensions["dify_proxy.owners"]
     user = g.user_id
     if draining():
         metrics.DRAIN.labels("refused").inc()
         raise _restarting()
-    if quotas.over_budget(user):
+    if budget and quotas.over_budget(user):
         raise over_limit(
             "tokens",
             "token_budget_exceeded",
@@ -157,10 +180,9 @@ def answer(payload: dict[str, Any]) -> Response:
             f"At most {settings.max_streams_per_user} answers at a time; "
             "wait for one to finish or stop it.",
         )
-    streaming = payload["response_mode"] == "streaming"
     done_waiting = waiting_for_dify(greenlet.getcurrent())
     try:
-        upstream = dify.chat(payload, stream=streaming)
+        upstream = call(stream=streaming)
     except ServerRestarting:
         quotas.release_stream(user, lease)
         raise _restarting() from None
@@ -176,7 +198,8 @@ def answer(payload: dict[str, Any]) -> Response:
                 body = json.loads(upstream.content)
             except ValueError:
                 raise unreadable_answer() from None
-            _count_tokens(quotas, user, (body.get("metadata") or {}).get("usage"))
+            owners.binder(user)(body)
+            _count_tokens(quotas, user, usage_of(body))
             return Response(upstream.content, status=200, content_type="application/json")
 
     renew_every = settings.stream_lease_seconds / 3
@@ -208,13 +231,15 @@ def answer(payload: dict[str, Any]) -> Response:
     body = relay(
         upstream,
         heartbeat_interval=settings.heartbeat_interval,
-        stop=functools.partial(dify.stop, user=user, request_id=g.get("request_id")),
+        stop=functools.partial(dify.stop, user=user, request_id=g.get("request_id"), app=app),
         stats=stats,
         ids=wants_ids(),
         recorder=answers.record(stats.stream_id.decode(), user),
         grace=settings.resume_grace,
         on_tick=renew_lease,
         on_end=finish,
+        bind=owners.binder(user),
+        await_task_id=not follow_run,
     )
     return Response(
         body,
@@ -272,6 +297,19 @@ def _restarting() -> ApiError:
         "The server is restarting; ask again in a moment.",
         {"Retry-After": "1"},
     )
+
+
+def usage_of(body: Any) -> Any:
+    """A blocking answer's usage: a chat or completion app's `metadata.usage`, or a workflow
+    run's `data.total_tokens`."""
+    if not isinstance(body, dict):
+        return None
+    metadata, run = body.get("metadata"), body.get("data")
+    if isinstance(metadata, dict) and isinstance(metadata.get("usage"), dict):
+        return metadata["usage"]
+    if isinstance(run, dict) and isinstance(run.get("total_tokens"), int):
+        return {"total_tokens": run["total_tokens"]}
+    return None
 
 
 def _count_tokens(quotas: Quotas, user: str, usage: Any) -> None:

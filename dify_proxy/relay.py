@@ -40,7 +40,31 @@ _done_lock = threading.Lock()
 _draining = threading.Event()
 _waiting: set[Any] = set()  # requests waiting for Dify's response head
 RECONNECT_AFTER_MS = 1000  # the `retry:` hint on a restart's final event
-TERMINAL_EVENTS = frozenset({"message_end", "error"})
+# How an event ends Dify's stream, when it is the last such event: a chat answer ends with
+# `message_end`, a chatflow's with `workflow_finished` after it, a workflow app's with
+# `workflow_finished`, and a run that waits for a person with `workflow_paused` (a clean end: no
+# error event, no stop, which would abort the run once the form is answered). A
+# `workflow_started` (a paused run resumed on the same stream, `continue_on_pause`) makes an
+# earlier pause no ending.
+ENDINGS: dict[str, str | None] = {
+    "message_end": "completed",
+    "workflow_finished": "completed",
+    "workflow_paused": "paused",
+    "error": "upstream_error",
+    "workflow_started": None,
+}
+CLEAN_ENDINGS = frozenset({"completed", "paused", "upstream_error"})  # nothing to stop
+# The events whose JSON is read (besides an answer's first): the few that carry a new id to
+# bind, a form, or the usage. Every other event goes through unparsed.
+NOTED_EVENTS = frozenset(
+    {
+        "message_end",
+        "workflow_finished",
+        "workflow_started",
+        "human_input_required",
+        "workflow_paused",
+    }
+)
 
 
 @dataclass
@@ -55,6 +79,7 @@ class StreamStats:
     bytes: int = 0
     end: str = "running"
     task_id: str | None = None
+    workflow_run_id: str | None = None
     conversation_id: str | None = None
     message_id: str | None = None
     usage: dict[str, Any] | None = None
@@ -76,6 +101,8 @@ class _Answer:
     stats: StreamStats
     ids: bool
     recorder: Recorder | None
+    bind: Callable[[Any], None] | None = None
+    await_task_id: bool = True
     handoff: queue.Queue = field(default_factory=queue.Queue)
     attached: bool = True  # the original client is still reading
     ending: tuple[str, int, str, str] | None = None  # an ending imposed from outside (drain)
@@ -96,6 +123,8 @@ def relay(
     grace: float = 0.0,
     on_tick: Callable[[], None] = lambda: None,
     on_end: Callable[[StreamStats], None] = lambda stats: None,
+    bind: Callable[[Any], None] | None = None,
+    await_task_id: bool = True,
 ) -> Iterator[bytes]:
     """Yield the client's bytes: the response head at once, then Dify's events unchanged.
 
@@ -104,9 +133,13 @@ def relay(
     that leaves mid-answer leaves Dify running for `grace` seconds, so that a reconnect gets
     the whole answer. `on_tick` runs at least once per heartbeat interval while the answer runs
     (to renew a lease); `on_end` runs once when both the answer and the client's stream are
-    over, however they ended.
+    over, however they ended. `bind` is called with each event the relay parses (the first,
+    and those in NOTED_EVENTS), before it reaches the client, to bind the ids it carries to
+    the user. Without `await_task_id`, a client that leaves before any data event came has the
+    stream hung up on at once, not read on until a task id comes to stop (a run that is
+    paused, being followed, must not be stopped).
     """
-    answer = _Answer(upstream, stats, ids, recorder)
+    answer = _Answer(upstream, stats, ids, recorder, bind, await_task_id)
     answer.reader = threading.Thread(target=_read, args=(answer, stop, on_end), daemon=True)
     _open[answer.handoff] = answer
     try:
@@ -184,7 +217,7 @@ def _linger(answer: _Answer, grace: float, on_tick: Callable[[], None]) -> None:
                 # not one late one, mean it has gone too.
                 keep = max(grace, 3 * SEEN_EVERY_SECONDS)
                 deadline = max(deadline, time.monotonic() - (time.time() - seen) + keep)
-        if time.monotonic() >= deadline and answer.stats.task_id:
+        if time.monotonic() >= deadline and (answer.stats.task_id or not answer.await_task_id):
             answer.reason = "abandoned"
             _hang_up(answer.upstream)
             return
@@ -277,7 +310,7 @@ def _read(
     answer.reason = stats.answer_end = end.reason
     answer.finished.set()
     _done(answer, on_end)
-    if stats.task_id and end.reason not in ("completed", "upstream_error"):
+    if stats.task_id and end.reason not in CLEAN_ENDINGS:
         stop(stats.task_id)  # last: a slow Dify must not hold up the stream's ending
 
 
@@ -286,7 +319,7 @@ def _read_events(answer: _Answer) -> _End:
     upstream, stats, ids, recorder = answer.upstream, answer.stats, answer.ids, answer.recorder
     sid = stats.stream_id
     pending = b""
-    terminal: str | None = None
+    ending: str | None = None
     yielded_at = 0.0
     try:
         for data in _network_reads(upstream):
@@ -308,10 +341,13 @@ def _read_events(answer: _Answer) -> _End:
                     continue
                 stats.events += 1
                 seq = stats.events
-                if stats.task_id is None or kind == "message_end":
-                    _note_ids(stats, sse.event_data(event))
-                if kind in TERMINAL_EVENTS:
-                    terminal = kind
+                if stats.task_id is None or kind in NOTED_EVENTS:
+                    data = sse.event_data(event)
+                    _note_ids(stats, data)
+                    if answer.bind is not None:
+                        answer.bind(data)
+                if kind in ENDINGS:
+                    ending = ENDINGS[kind]
                 if recorder is not None:
                     records += (event_head(seq, event), event)
                     size += len(event)
@@ -342,10 +378,8 @@ def _read_events(answer: _Answer) -> _End:
         return _failed_ending(stats, *answer.ending)
     if answer.reason == "abandoned":
         return _End("abandoned")
-    if terminal == "message_end":
-        return _End("completed")
-    if terminal == "error":
-        return _End("upstream_error")
+    if ending is not None:
+        return _End(ending)
     return _failed_ending(
         stats,
         "upstream_dropped",
@@ -377,9 +411,17 @@ def _note_ids(stats: StreamStats, data: Any) -> None:
     stats.task_id = stats.task_id or _str(data.get("task_id"))
     stats.conversation_id = stats.conversation_id or _str(data.get("conversation_id"))
     stats.message_id = stats.message_id or _str(data.get("message_id"))
-    if data.get("event") == "message_end":
+    stats.workflow_run_id = stats.workflow_run_id or _str(data.get("workflow_run_id"))
+    event = data.get("event")
+    if event == "message_end":
         usage = (data.get("metadata") or {}).get("usage")
         stats.usage = usage if isinstance(usage, dict) else None
+    elif event == "workflow_finished" and stats.usage is None:
+        # A workflow app has no message_end; a chatflow's usage came with its message_end.
+        run = data.get("data")
+        tokens = run.get("total_tokens") if isinstance(run, dict) else None
+        if isinstance(tokens, int) and not isinstance(tokens, bool):
+            stats.usage = {"total_tokens": tokens}
 
 
 def _str(value: Any) -> str | None:
