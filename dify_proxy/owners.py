@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from flask import current_app, g
+
+from .errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,13 @@ DEFAULT_TTL_SECONDS = 7 * 86400.0
 # A binding is written again only when this much longer a life is wanted: a form's expiry a
 # few seconds later than the one already written costs no new write.
 REBIND_SLACK_SECONDS = 60.0
+# What a caller hears about an id that is not theirs: the same as for one that never existed.
+NOT_FOUND = {
+    "task": "Task not found.",
+    "run": "Workflow run not found.",
+    "form": "Form not found.",
+    "file": "File not found.",
+}
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,16 @@ class Binder:
                 self._bound[(f.kind, f.value)] = expires_at
                 new.append((f, expires_at))
         self.owners.bind_many(new, self.user)
+
+
+def require_owner(kind: str, value: str) -> Binding:
+    """In a request: `value`'s binding if it is the session user's, else a 404 that is the
+    same for someone else's id and an unknown one. Call it before Dify is asked anything."""
+    owners: Owners = current_app.extensions["dify_proxy.owners"]
+    binding = owners.owned(kind, value, g.user_id)
+    if binding is None:
+        raise ApiError(404, "not_found", NOT_FOUND[kind])
+    return binding
 
 
 def ids_in(data: Any) -> list[Found]:
