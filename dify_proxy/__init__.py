@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, bodies, chat, errors, limits, metrics, openapi, relay, requestlog
+    from . import api, bodies, chat, errors, limits, metrics, openapi, relay, requestlog, runs
     from .answers import Answers
     from .auth import Verifier
     from .dify import Dify
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     errors.register_error_handlers(app)
     app.register_blueprint(chat.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(runs.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(openapi.bp)
     if settings.enable_demo:

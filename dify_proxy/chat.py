@@ -24,6 +24,7 @@ from .auth import require_session
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import over_limit, per_user
+from .modes import CHAT_MODES, known_mode, mismatch, require_mode
 from .owners import Owners
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
@@ -138,9 +139,18 @@ def chat_from_query() -> Response:
 def answer(payload: dict[str, Any]) -> Response:
     """Ask Dify the question within the user's limits and relay what it says."""
     dify: Dify = current_app.extensions["dify_proxy.dify"]
-    return run_answer(
-        functools.partial(dify.chat, payload), streaming=payload["response_mode"] == "streaming"
-    )
+    mode = known_mode()
+    if mode is not None and mode not in CHAT_MODES:
+        raise mismatch(mode)
+    try:
+        return run_answer(
+            functools.partial(dify.chat, payload),
+            streaming=payload["response_mode"] == "streaming",
+        )
+    except ApiError as exc:
+        if exc.code == "not_chat_app":  # Dify's own "wrong route": say which app it is
+            require_mode(*CHAT_MODES)
+        raise
 
 
 def run_answer(
