@@ -480,3 +480,38 @@ def test_the_owner_stops_a_completion(client, auth, requests_mock, owners, mode)
     response = client.post(f"/api/completion-messages/{TASK}/stop", headers=auth)
     assert response.status_code == 200
     assert stop.last_request.json() == {"user": USER}
+
+
+# --- a paused answer's record, log and metrics --------------------------------------------------
+
+
+def test_a_paused_answer_resumes_to_the_same_clean_end(client, auth, requests_mock):
+    requests_mock.post(f"{DIFY_URL}/chat-messages", content=PAUSED_CHAT, headers=SSE)
+    sse_client = {**auth, "Accept": "text/event-stream"}
+    first = read_stream(client.post("/api/chat", json={"message": "hi"}, headers=sse_client))
+    events = [e for e in sse.cut_events(first)[0] if sse.event_type(e) != "ping"]
+    started_id = events[0].rsplit(b"id: ", 1)[1].strip().decode()
+    resumed = client.post(
+        "/api/chat", json={"message": "hi"}, headers={**sse_client, "Last-Event-ID": started_id}
+    )
+    assert resumed.status_code == 200
+    replayed = sse.cut_events(read_stream(resumed))[0]
+    assert [sse.event_type(e) for e in replayed if sse.event_type(e) != "ping"] == [
+        "human_input_required",
+        "workflow_paused",
+    ]
+    assert requests_mock.call_count == 1  # Dify was not asked again
+
+
+def test_a_paused_answer_is_logged_and_counted_as_paused(client, auth, requests_mock, caplog):
+    from dify_proxy import metrics
+
+    before = metrics.STREAM_ENDS.labels("paused")._value.get()
+    with caplog.at_level("INFO", logger="dify_proxy.access"):
+        requests_mock.post(f"{DIFY_URL}/chat-messages", content=PAUSED_CHAT, headers=SSE)
+        response = client.post("/api/chat", json={"message": "hi"}, headers=auth)
+        read_stream(response)
+        response.close()
+    ends = [r.fields.get("end") for r in caplog.records if hasattr(r, "fields")]
+    assert "paused" in ends
+    assert metrics.STREAM_ENDS.labels("paused")._value.get() == before + 1
