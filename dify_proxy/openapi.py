@@ -238,7 +238,15 @@ RUN_PATHS: dict[str, Any] = {
             "Send to a completion app (Dify's own body; `user` is the session's). Streams like "
             "/api/chat, or Dify's JSON when blocking." + MODE_MISMATCH.format("completion"),
             RUN_STREAM,
-            body=_json_body(RUN_BODY),
+            body=_json_body(
+                {
+                    **RUN_BODY,
+                    "properties": {
+                        **RUN_BODY["properties"],
+                        "query": {"type": "string", "maxLength": MAX_MESSAGE_CHARS},
+                    },
+                }
+            ),
             errors=CLIENT_ERRORS + JSON_BODY_ERRORS + UPSTREAM_ERRORS,
         )
     },

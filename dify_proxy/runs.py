@@ -23,7 +23,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from .api import json_answer
 from .auth import require_session
-from .chat import is_reconnect, last_event_id, resume, run_answer, wants_ids
+from .chat import MAX_MESSAGE_CHARS, is_reconnect, last_event_id, resume, run_answer, wants_ids
 from .dify import Dify
 from .limits import per_user
 from .modes import WORKFLOW_MODES, require_mode
@@ -55,9 +55,10 @@ def stop_app(mode: str) -> str:
 # --- request bodies ---------------------------------------------------------------------------
 
 
-def run_payload(body: dict[str, Any]) -> dict[str, Any]:
-    """Dify's own body for a workflow run or a completion (`inputs`, `response_mode`, `files`);
-    `user` is always the session's. Anything else in the body is not sent."""
+def run_payload(body: dict[str, Any], query: bool = False) -> dict[str, Any]:
+    """Dify's own body for a workflow run or a completion (`inputs`, `response_mode`, `files`,
+    and with `query` a completion's optional `query`); `user` is always the session's.
+    Anything else in the body is not sent."""
     inputs = body.get("inputs", {})
     if not isinstance(inputs, dict):
         raise bad_request("inputs must be a JSON object.")
@@ -70,6 +71,13 @@ def run_payload(body: dict[str, Any]) -> dict[str, Any]:
     payload: dict[str, Any] = {"inputs": inputs, "response_mode": mode, "user": g.user_id}
     if files:
         payload["files"] = files
+    if query and body.get("query") is not None:
+        text = body["query"]
+        if not isinstance(text, str):
+            raise bad_request("query must be a string.")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise bad_request(f"query must be at most {MAX_MESSAGE_CHARS} characters.")
+        payload["query"] = text
     return payload
 
 
@@ -228,7 +236,7 @@ def run_detail(workflow_run_id: str) -> Response:
 def completion() -> Response:
     if is_reconnect():
         return resume(last_event_id())
-    payload = run_payload(read_json_object())
+    payload = run_payload(read_json_object(), query=True)
     require_mode("completion")
     return run_answer(
         lambda stream: dify().call("POST", "/completion-messages", json=payload, stream=stream),

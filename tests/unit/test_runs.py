@@ -515,3 +515,19 @@ def test_a_paused_answer_is_logged_and_counted_as_paused(client, auth, requests_
     ends = [r.fields.get("end") for r in caplog.records if hasattr(r, "fields")]
     assert "paused" in ends
     assert metrics.STREAM_ENDS.labels("paused")._value.get() == before + 1
+
+
+def test_a_completions_query_is_passed_on(client, auth, requests_mock, mode):
+    mode("completion")
+    send = requests_mock.post(f"{DIFY_URL}/completion-messages", content=COMPLETION, headers=SSE)
+    read_stream(
+        client.post("/api/completion-messages", json={"inputs": {}, "query": "Write"}, headers=auth)
+    )
+    assert send.last_request.json()["query"] == "Write"
+
+
+def test_a_query_on_a_workflow_run_is_not_sent(client, auth, requests_mock, mode):
+    mode("workflow")
+    run = requests_mock.post(f"{DIFY_URL}/workflows/run", content=WF_FINISHED, headers=SSE)
+    read_stream(client.post("/api/workflows/run", json={"inputs": {}, "query": "x"}, headers=auth))
+    assert "query" not in run.last_request.json()
