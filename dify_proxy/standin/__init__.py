@@ -10,12 +10,14 @@ K-completion and K-chat the others). The wire format is Dify's as recorded in th
 shared notes and captures of real Dify (copied into tests/standin/captures/, which the
 stand-in's tests compare it with byte for byte).
 
-Where things are: `chat.py` the chat and completion streams and their stops, `events.py` a run
-and the events it writes, `human_input.py` the pause at a Human Input node and its form,
-`workflow.py` workflow runs, run detail, run events and workflow stop, `scenario.py` the
-`_standin` knobs, `apps.py` the app types, `api.py` the rest of a chat app's API, `records.py`
-the call log and what the stand-in remembers, `wire.py` Dify's JSON and error shape,
-`server.py` the server and the test-only `/_standin/*` routes, `__main__.py` the command line:
+Where things are: `chat.py` the chat and completion streams and their stops, `chunks.py` a
+stream's chunked body, `events.py` a run and the events it writes, `human_input.py` the pause
+at a Human Input node and its form, `workflow.py` workflow runs, run detail, run events and
+workflow stop, `scenario.py` the `_standin` knobs, `apps.py` the app types, `api.py` the rest
+of a chat app's API, `conversation_variables.py` a chatflow conversation's variables,
+`records.py` the call log and what the stand-in remembers, `wire.py` Dify's JSON and error
+shape, `server.py` the server and the test-only `/_standin/*` routes, `__main__.py` the
+command line:
 
     python -m dify_proxy.standin [--host 127.0.0.1] [--port 0] [--api-key KEY]
 

@@ -27,6 +27,7 @@ from aiohttp import hdrs, web
 
 from dify_proxy.standin import apps, human_input
 from dify_proxy.standin.apps import CHAT, CHATFLOW, COMPLETION, WORKFLOW
+from dify_proxy.standin.chunks import ChunkedBody
 from dify_proxy.standin.events import PING, Run, ends
 from dify_proxy.standin.records import CALL, RECORDS, json_body
 from dify_proxy.standin.scenario import Scenario
@@ -39,7 +40,6 @@ from dify_proxy.standin.wire import (
     user_of,
 )
 
-SSE_HEADERS = {hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8"}
 ENDINGS = {"message_end": "completed", "error": "error_event"}  # how a call log names an end
 BLOCKING_TYPE = "application/json; charset=utf-8"
 routes = web.RouteTableDef()
@@ -126,7 +126,7 @@ async def play(request: web.Request, run: Run, s: Scenario, query: str) -> web.S
         if s.status is not None:
             return status_reply(s)
         if run.mode == CHATFLOW and s.human_input > 0 and s.replay is None:
-            return await human_input.pause(request, run, s, ChunkedBody)
+            return await human_input.pause(request, run, s)
         if run.streaming:
             return await stream(request, run, s, query)
         return await blocking(request, run, s, query)
@@ -192,58 +192,6 @@ async def blocking(request: web.Request, run: Run, s: Scenario, query: str) -> w
     run.record["status"] = 200
     run.finish("stopped" if run.stopped else "completed")
     return response
-
-
-class ChunkedBody:
-    """A stream's body, one HTTP chunk per scenario write (or `split`-byte chunks `split_delay`
-    apart). aiohttp sends the head and the last chunk; the chunks in between go straight onto
-    the connection, because aiohttp's own write path costs about 3 us more per write, which
-    raised the stand-in's CPU in the firehose benchmark by a third (it has to stay cheap)."""
-
-    def __init__(
-        self,
-        request: web.Request,
-        response: web.StreamResponse,
-        writer: Any,
-        run: Run,
-        s: Scenario,
-    ) -> None:
-        self.transport, self.protocol = request.transport, request.protocol
-        self.response, self.writer = response, writer
-        self.run, self.split, self.split_delay = run, s.split, s.split_delay
-
-    @classmethod
-    async def start(cls, request: web.Request, run: Run, s: Scenario) -> ChunkedBody:
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        response.enable_chunked_encoding()
-        return cls(request, response, await response.prepare(request), run, s)
-
-    async def write(self, data: bytes) -> None:
-        if self.split:
-            for i in range(0, len(data), self.split):
-                if i:
-                    await self.run.pause(self.split_delay)
-                await self.write_chunk(data[i : i + self.split])
-        else:
-            await self.write_chunk(data)
-
-    async def write_chunk(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            raise ConnectionResetError("the client has gone")
-        self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
-        if self.protocol.writing_paused:  # the socket's buffer is full: wait for it
-            await self.writer.drain()
-
-    async def end(self) -> web.StreamResponse:
-        await self.response.write_eof()
-        return self.response
-
-    def drop(self) -> web.StreamResponse:
-        """Cut the connection without ending the body."""
-        self.run.finish("dropped")
-        if self.transport is not None:
-            self.transport.abort()
-        return self.response
 
 
 async def stream(request: web.Request, run: Run, s: Scenario, query: str) -> web.StreamResponse:

@@ -156,11 +156,12 @@ class Run:
         if self.mode == WORKFLOW:
             data = {"text": answer, "from_variable_selector": selector or ["start", "text"]}
             return sse({**self.head("text_chunk"), "data": data})
-        if self.mode == CHATFLOW:
-            selector = selector or ["answer", "answer"]
         event = {**self.head("message"), "id": self.message_id, "answer": answer}
-        event["from_variable_selector"] = selector
-        return sse(event)
+        if self.mode == CHATFLOW:
+            event["from_variable_selector"] = selector or ["answer", "answer"]
+        elif self.mode == COMPLETION:
+            event["from_variable_selector"] = selector
+        return sse(event)  # the chat app keeps the stand-in's older shape (the benchmark's)
 
     def error(self, status: int, code: str, message: str) -> bytes:
         """Dify's error event carries no task id."""

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from dify_proxy.standin import apps
+from dify_proxy.standin.chunks import ChunkedBody
 from dify_proxy.standin.events import ACTIONS, FORM_INPUTS, FORM_LIFETIME, PING, Node, Run
 from dify_proxy.standin.records import CALL, RECORDS, Records, json_body
 from dify_proxy.standin.scenario import Scenario
@@ -113,10 +114,10 @@ def paused_at(run: Run, form: Form) -> list[bytes]:
 def start_forms(records: Records, run: Run, count: int) -> None:
     run.forms = [Form(run, i) for i in range(count)]
     for form in run.forms:
-        records.forms[form.token] = form
+        records.keep(records.forms, form.token, form)
 
 
-async def pause(request: web.Request, run: Run, s: Scenario, body_type: Any) -> web.StreamResponse:
+async def pause(request: web.Request, run: Run, s: Scenario) -> web.StreamResponse:
     """The first part of a pausing chatflow: up to the first form (streaming or blocking)."""
     records = request.app[RECORDS]
     start_forms(records, run, s.human_input)
@@ -130,7 +131,7 @@ async def pause(request: web.Request, run: Run, s: Scenario, body_type: Any) -> 
         run.record["status"] = 200
         run.finish("paused")
         return spaced_response(blocking_paused(run), "application/json; charset=utf-8")
-    body = await body_type.start(request, run, s)
+    body = await ChunkedBody.start(request, run, s)
     run.record["status"] = 200
     await run.pause(s.first_delay)
     await body.write(PING)

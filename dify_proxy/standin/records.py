@@ -54,8 +54,8 @@ class Records:
     def remember_flow(self, run: Run) -> None:
         """A chatflow or workflow run, for run detail, its events, and a stop after its stream."""
         assert run.workflow_run_id is not None
-        self._keep(self.flows, run.workflow_run_id, run)
-        self._keep(self.flow_tasks, run.task_id, run)
+        self.keep(self.flows, run.workflow_run_id, run)
+        self.keep(self.flow_tasks, run.task_id, run)
 
     def open_streams(self) -> int:
         return sum(r.streaming and r.record["stream_end"] is None for r in self.runs.values())
@@ -96,7 +96,7 @@ class Records:
             "_created": (now, seq),
         }
         conversation.update(updated_at=now, _updated=(now, seq))
-        self._keep(self.conversations, run.conversation_id, conversation)
+        self.keep(self.conversations, run.conversation_id, conversation)
         message = {
             "id": run.message_id,
             "conversation_id": run.conversation_id,
@@ -113,7 +113,7 @@ class Records:
             "created_at": now,
             "_user": run.user,
         }
-        self._keep(self.messages, run.message_id, message)
+        self.keep(self.messages, run.message_id, message)
 
     def touch(self, conversation: dict[str, Any]) -> None:
         now = int(time.time())
@@ -139,7 +139,7 @@ class Records:
             del self.messages[message_id]
 
     @staticmethod
-    def _keep(store: dict[str, Any], key: str, record: Any) -> None:
+    def keep(store: dict[str, Any], key: str, record: Any) -> None:
         store[key] = record
         while len(store) > MAX_RECORDS:
             del store[next(iter(store))]

@@ -311,3 +311,15 @@ def test_a_file_preview_answers_the_uploaded_bytes_under_their_type(base: str) -
 def test_an_unknown_file_preview_is_a_404(base: str) -> None:
     r = call(base, "GET", "/files/00000000-0000-4000-8000-000000000000/preview")
     assert (r.status_code, r.json()["code"]) == (404, "file_not_found")
+
+
+def test_a_paused_answer_is_listed_empty_and_paused_then_whole_once_resumed(base: str) -> None:
+    paused = pause(base, {"human_input": 1})
+    params = {"user": "alice", "conversation_id": paused["conversation_id"]}
+    [message] = call(base, "GET", "/messages", params=params).json()["data"]
+    assert (message["answer"], message["status"]) == ("", "paused")
+    follow = Follow(base, paused["workflow_run_id"])
+    answer(base, paused["data"]["reasons"][0]["form_token"], comment="fine")
+    follow.body()
+    [message] = call(base, "GET", "/messages", params=params).json()["data"]
+    assert (message["answer"], message["status"]) == ("Approved: fine", "normal")
