@@ -29,7 +29,7 @@ from .chat import MAX_MESSAGE_CHARS, STREAM_HEADERS
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import over_limit, per_user
-from .owners import require_owner
+from .owners import bind_history, require_owner
 from .quotas import Quotas
 from .validation import (
     bad_request,
@@ -141,7 +141,9 @@ def list_messages() -> Response:
         first_id=query_uuid("first_id"),
         limit=query_limit(),
     )
-    return json_answer(dify().call("GET", "/messages", params=params))
+    response = json_answer(dify().call("GET", "/messages", params=params))
+    bind_history(response)
+    return response
 
 
 @bp.post("/messages/<message_id>/feedbacks")

@@ -251,6 +251,37 @@ def require_owner(kind: str, value: str) -> Binding:
     return binding
 
 
+def bind_history(response: Any) -> None:
+    """Bind the forms a user's message history shows them (a paused message's
+    `extra_contents`: its form token and run id), so that a page reloaded after the answer's
+    binding expired, or made before the proxy bound ids, can still finish the run. Dify lists
+    only the user's own conversations, so whatever it lists is theirs."""
+    if response.status_code != 200:
+        return
+    try:
+        body = json.loads(response.get_data())
+    except ValueError:
+        return
+    messages = body.get("data") if isinstance(body, dict) else None
+    found: list[tuple[Found, float]] = []
+    owners: Owners = current_app.extensions["dify_proxy.owners"]
+    default = time.time() + owners.default_ttl
+    for message in messages if isinstance(messages, list) else []:
+        contents = message.get("extra_contents") if isinstance(message, dict) else None
+        for content in contents if isinstance(contents, list) else []:
+            if not isinstance(content, dict) or content.get("submitted"):
+                continue
+            run_id = content.get("workflow_run_id")
+            form = content.get("form_definition")
+            token = form.get("form_token") if isinstance(form, dict) else None
+            if not (_is_id(run_id) and _is_id(token)):
+                continue
+            expiry = form.get("expiration_time")
+            until = max(default, float(expiry) if isinstance(expiry, (int, float)) else 0)
+            found += [(Found("run", run_id), until), (Found("form", token, extra=run_id), until)]
+    owners.bind_many(found, g.user_id)
+
+
 def ids_in(data: Any) -> list[Found]:
     """The ids in one of Dify's events or blocking answers that a user may later act on: its
     task id and workflow run id, and the token of each form it asks for (a

@@ -531,3 +531,36 @@ def test_a_query_on_a_workflow_run_is_not_sent(client, auth, requests_mock, mode
     run = requests_mock.post(f"{DIFY_URL}/workflows/run", content=WF_FINISHED, headers=SSE)
     read_stream(client.post("/api/workflows/run", json={"inputs": {}, "query": "x"}, headers=auth))
     assert "query" not in run.last_request.json()
+
+
+# --- a reloaded page ---------------------------------------------------------------------------
+
+
+def history(submitted: bool) -> dict[str, Any]:
+    """`GET /messages` with a paused answer, as Dify 1.16.1 lists it (hitl-A9)."""
+    form = {"form_id": "8664d7a4", "form_token": TOKEN, "expiration_time": 1796702375}
+    content = {
+        "workflow_run_id": RUN,
+        "submitted": submitted,
+        "form_definition": form,
+        "type": "human_input",
+    }
+    message = {"id": MESSAGE, "status": "paused", "extra_contents": [content]}
+    return {"limit": 20, "has_more": False, "data": [message]}
+
+
+def test_a_paused_message_in_the_users_history_binds_its_form_and_run(
+    client, auth, requests_mock, owners
+):
+    requests_mock.get(f"{DIFY_URL}/messages", json=history(submitted=False))
+    response = client.get(f"/api/messages?conversation_id={CONVERSATION}", headers=auth)
+    assert response.get_json() == history(submitted=False)
+    assert owners.lookup("form", TOKEN).user == USER
+    assert owners.lookup("form", TOKEN).extra == RUN
+    assert owners.owner_of("run", RUN) == USER
+
+
+def test_an_answered_form_in_the_history_binds_nothing(client, auth, requests_mock, owners):
+    requests_mock.get(f"{DIFY_URL}/messages", json=history(submitted=True))
+    client.get(f"/api/messages?conversation_id={CONVERSATION}", headers=auth)
+    assert owners.owner_of("form", TOKEN) is None
