@@ -70,3 +70,8 @@ def mismatch(mode: str) -> ApiError:
     return ApiError(
         400, "app_mode_mismatch", f"This Dify app is {name} (mode {mode}); use {route}."
     )
+
+
+def stop_app(mode: str) -> str:
+    """Which stop call a task of an app of this mode takes (dify.STOP_PATHS)."""
+    return {"workflow": "workflow", "completion": "completion"}.get(mode, "chat")

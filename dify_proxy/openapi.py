@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from . import runs
 from .chat import MAX_MESSAGE_CHARS
 
 bp = Blueprint("openapi", __name__)
@@ -163,7 +164,7 @@ FORM_TOKEN = {
     "name": "form_token",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+    "schema": {"type": "string", "pattern": f"^{runs.FORM_TOKEN.pattern}$"},
 }
 RUN_PATHS: dict[str, Any] = {
     "/api/form/human_input/{form_token}": {
@@ -187,7 +188,11 @@ RUN_PATHS: dict[str, Any] = {
                     "required": ["action"],
                     "properties": {
                         "inputs": JSON_OBJECT,
-                        "action": {"type": "string", "pattern": NOT_BLANK, "maxLength": 200},
+                        "action": {
+                            "type": "string",
+                            "pattern": NOT_BLANK,
+                            "maxLength": runs.MAX_ACTION_CHARS,
+                        },
                     },
                 }
             ),

@@ -26,7 +26,7 @@ from .auth import require_session
 from .chat import MAX_MESSAGE_CHARS, is_reconnect, last_event_id, resume, run_answer, wants_ids
 from .dify import Dify
 from .limits import per_user
-from .modes import WORKFLOW_MODES, require_mode
+from .modes import WORKFLOW_MODES, require_mode, stop_app
 from .owners import require_owner
 from .validation import bad_request, read_json_object, refuse_head, validate_uuid
 
@@ -42,14 +42,6 @@ MAX_ACTION_CHARS = 200
 
 def dify() -> Dify:
     return current_app.extensions["dify_proxy.dify"]
-
-
-# --- the app's mode ---------------------------------------------------------------------------
-
-
-def stop_app(mode: str) -> str:
-    """Which stop call a task of this mode takes (dify.STOP_PATHS)."""
-    return {"workflow": "workflow", "completion": "completion"}.get(mode, "chat")
 
 
 # --- request bodies ---------------------------------------------------------------------------
