@@ -564,3 +564,22 @@ def test_an_answered_form_in_the_history_binds_nothing(client, auth, requests_mo
     requests_mock.get(f"{DIFY_URL}/messages", json=history(submitted=True))
     client.get(f"/api/messages?conversation_id={CONVERSATION}", headers=auth)
     assert owners.owner_of("form", TOKEN) is None
+
+
+def test_a_followed_run_resumes_with_last_event_id_without_asking_dify_again(
+    client, auth, requests_mock, owners, mode
+):
+    owners.bind("run", RUN, USER)
+    events = requests_mock.get(
+        f"{DIFY_URL}/workflow/{RUN}/events", content=RESUMED_RUN, headers=SSE
+    )
+    first = sse.cut_events(read_stream(client.get(f"/api/workflow/{RUN}/events", headers=auth)))
+    resumed_id = first[0][2].rsplit(b"id: ", 1)[1].strip().decode()  # workflow_started's
+    again = client.get(f"/api/workflow/{RUN}/events", headers={**auth, "Last-Event-ID": resumed_id})
+    replayed = [sse.event_type(e) for e in sse.cut_events(read_stream(again))[0]]
+    assert [kind for kind in replayed if kind != "ping"] == [
+        "message",
+        "message_end",
+        "workflow_finished",
+    ]
+    assert events.call_count == 1
