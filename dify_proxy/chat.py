@@ -24,7 +24,7 @@ from .auth import require_session
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import over_limit, per_user
-from .modes import CHAT_MODES, known_mode, mismatch, require_mode
+from .modes import CHAT_MODES, app_mode, known_mode, mismatch
 from .owners import Owners
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
@@ -149,7 +149,12 @@ def answer(payload: dict[str, Any]) -> Response:
         )
     except ApiError as exc:
         if exc.code == "not_chat_app":  # Dify's own "wrong route": say which app it is
-            require_mode(*CHAT_MODES)
+            try:
+                mode = app_mode()
+            except ApiError:  # /info failed too: Dify's own error stands
+                mode = None
+            if mode is not None and mode not in CHAT_MODES:
+                raise mismatch(mode) from None
         raise
 
 

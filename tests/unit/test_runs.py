@@ -583,3 +583,11 @@ def test_a_followed_run_resumes_with_last_event_id_without_asking_dify_again(
         "workflow_finished",
     ]
     assert events.call_count == 1
+
+
+def test_when_info_fails_too_difys_own_not_chat_app_stands(client, auth, requests_mock):
+    not_chat = {"code": "not_chat_app", "message": "Please check.", "status": 400}
+    requests_mock.post(f"{DIFY_URL}/chat-messages", status_code=400, json=not_chat)
+    requests_mock.get(f"{DIFY_URL}/info", status_code=500, text="oops")
+    response = client.post("/api/chat", json={"message": "hi"}, headers=auth)
+    assert (response.status_code, response.get_json()["code"]) == (400, "not_chat_app")
