@@ -275,3 +275,20 @@ def test_a_binding_made_on_one_instance_is_honoured_on_another(start_proxy, stan
     assert theirs.status_code == 404
     detail = requests.get(f"{b.url}/api/workflows/run/{run_id}", headers=auth(), timeout=10)
     assert detail.json()["status"] == "paused"
+
+
+def test_leaving_a_followed_run_while_it_waits_for_a_person_does_not_stop_it(proxy, standin):
+    """A page that follows a paused run and is closed must leave the run to be answered."""
+    token, run_id, _ = form_of(ask_paused(proxy, wait_ping_interval=0.2, **RESUMED))
+    followed = requests.get(
+        f"{proxy.url}/api/workflow/{run_id}/events", headers=auth(), stream=True, timeout=30
+    )
+    read_stream(followed, until=lambda r: r.pings() >= 2)
+    followed.close()
+    standin.wait_for(lambda calls: any(c["stream_end"] for c in calls if "/events" in c["path"]))
+
+    rest = read_stream(answer_form(proxy, token, headers=SSE))
+
+    assert text_of(rest) == RESUMED["text"] * RESUMED["events"]
+    assert rest.data()[-1]["data"]["status"] == "succeeded"
+    assert standin.stops() == []
