@@ -73,7 +73,7 @@ def start_proxy(standin_url: str, log: Path) -> tuple[subprocess.Popen, str]:
     env = {
         **os.environ,
         "PORT": str(port),
-        "DIFY_API_KEY": KEY,
+        "DIFY_API_KEY": KEY + "-chat",  # the stand-in's chat app: its answers end with message_end
         "DIFY_API_URL": standin_url,
         "SUPABASE_JWT_SECRET": SECRET,
         "WEB_CONCURRENCY": "2",

@@ -26,12 +26,25 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, bodies, chat, errors, limits, metrics, openapi, relay, requestlog, usage
+    from . import (
+        api,
+        bodies,
+        chat,
+        errors,
+        limits,
+        metrics,
+        openapi,
+        relay,
+        requestlog,
+        runs,
+        usage,
+    )
     from .answers import Answers
     from .auth import Verifier
     from .budgets import Budgets
     from .dify import Dify
     from .ledger import Ledger
+    from .owners import Owners
     from .quotas import Quotas
     from .redisconn import RedisConn
 
@@ -74,6 +87,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.daily_cost_budget, settings.monthly_cost_budget, quotas, ledger
     )
     ledger.on_written = budgets.written
+    app.extensions["dify_proxy.owners"] = Owners(
+        spool_dir, default_ttl=settings.ownership_ttl, conn=conn
+    )
     limits.init_app(app, settings, conn)
 
     if settings.cors_origins:
@@ -95,6 +111,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(chat.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(usage.bp)
+    app.register_blueprint(runs.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(openapi.bp)
     if settings.enable_demo:

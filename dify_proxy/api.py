@@ -29,6 +29,7 @@ from .chat import MAX_MESSAGE_CHARS, STREAM_HEADERS
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import SLOT_RETRY_SECONDS, over_limit, per_user, user_limit
+from .owners import bind_history, require_owner
 from .quotas import Quotas
 from .validation import (
     bad_request,
@@ -82,7 +83,10 @@ def user_params(**params: Any) -> dict[str, Any]:
 @bp.post("/chat/<task_id>/stop")
 @require_session
 def stop_chat(task_id: str) -> Response:
+    """Only the user whose stream carried the task id may stop it: Dify stops a paused run
+    for whoever asks (see owners.py)."""
     task_id = validate_uuid(task_id, "task_id")
+    require_owner("task", task_id)
     return json_answer(
         dify().call("POST", f"/chat-messages/{task_id}/stop", json={"user": g.user_id})
     )
@@ -137,7 +141,9 @@ def list_messages() -> Response:
         first_id=query_uuid("first_id"),
         limit=query_limit(),
     )
-    return json_answer(dify().call("GET", "/messages", params=params))
+    response = json_answer(dify().call("GET", "/messages", params=params))
+    bind_history(response)
+    return response
 
 
 @bp.post("/messages/<message_id>/feedbacks")

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,8 @@ from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .eventids import parse_event_id
 from .limits import SLOT_RETRY_SECONDS, in_words, over_limit, per_user, user_limit
+from .modes import CHAT_MODES, app_mode, known_mode, mismatch
+from .owners import Owners
 from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
 from .resume import follow
@@ -137,26 +140,63 @@ def chat_from_query() -> Response:
 
 
 def answer(payload: dict[str, Any]) -> Response:
-    """Call Dify within the user's limits and relay what it says."""
+    """Ask Dify the question within the user's limits and relay what it says."""
+    dify: Dify = current_app.extensions["dify_proxy.dify"]
+    mode = known_mode()
+    if mode is not None and mode not in CHAT_MODES:
+        raise mismatch(mode)
+    try:
+        return run_answer(
+            functools.partial(dify.chat, payload),
+            streaming=payload["response_mode"] == "streaming",
+        )
+    except ApiError as exc:
+        if exc.code == "not_chat_app":  # Dify's own "wrong route": say which app it is
+            try:
+                mode = app_mode()
+            except ApiError:  # /info failed too: Dify's own error stands
+                mode = None
+            if mode is not None and mode not in CHAT_MODES:
+                raise mismatch(mode) from None
+        raise
+
+
+def run_answer(
+    call: Callable[..., requests.Response],
+    *,
+    streaming: bool,
+    app: str = "chat",
+    budget: bool = True,
+    follow_run: bool = False,
+) -> Response:
+    """Any answer of Dify's, to any route: `call(stream=...)` makes the upstream call, and this
+    wraps it in the user's limits (the daily budget when `budget`, a stream lease), relays it
+    (heartbeats, grace, stop-on-disconnect through `app`'s stop call, recording for resumes),
+    binds the ids it hands out to the user, and counts its tokens. With `follow_run` (an
+    already running run followed), a client that leaves before anything but pings came hangs
+    up without waiting to stop it: a paused run must stay paused."""
     settings = current_app.config["SETTINGS"]
     quotas: Quotas = current_app.extensions["dify_proxy.quotas"]
     dify: Dify = current_app.extensions["dify_proxy.dify"]
+    owners: Owners = current_app.extensions["dify_proxy.owners"]
     user = g.user_id
     if draining():
         metrics.DRAIN.labels("refused").inc()
         raise _restarting()
-    budget = user_limit("daily_token_budget")
-    if quotas.over_budget(user, budget):
+    daily = user_limit("daily_token_budget") if budget else 0
+    if daily and quotas.over_budget(user, daily):
         seconds = _seconds_to_midnight_utc()
         raise over_limit(
             "tokens",
             "token_budget_exceeded",
             "Daily token budget reached",
-            f"{budget} tokens a day",
+            f"{daily} tokens a day",
             f"it renews at 00:00 UTC, in {in_words(seconds)}",
             seconds,
         )
-    entry = book(user)  # the usage ledger's row, and the money budgets (a 429 when used up)
+    # The usage ledger's row (the app's mode as Dify named it, once known), and the money
+    # budgets (a 429 when used up).
+    entry = book(user, app_mode=known_mode() or app)
     max_streams = user_limit("max_streams_per_user")
     lease = quotas.acquire_stream(user, max_streams)
     if lease is None:
@@ -169,10 +209,9 @@ def answer(payload: dict[str, Any]) -> Response:
             "a slot frees when one of your answers ends (or you stop one)",
             SLOT_RETRY_SECONDS,
         )
-    streaming = payload["response_mode"] == "streaming"
     done_waiting = waiting_for_dify(greenlet.getcurrent())
     try:
-        upstream = dify.chat(payload, stream=streaming)
+        upstream = call(stream=streaming)
     except ServerRestarting:
         quotas.release_stream(user, lease)
         entry.cancel()
@@ -191,8 +230,10 @@ def answer(payload: dict[str, Any]) -> Response:
             except ValueError:
                 entry.answered(uuid.uuid4().hex, None, "upstream_error")
                 raise unreadable_answer() from None
-            entry.answered(uuid.uuid4().hex, body)
-            _count_tokens(quotas, user, (body.get("metadata") or {}).get("usage"))
+            owners.binder(user)(body)
+            paused = isinstance(body, dict) and body.get("event") == "workflow_paused"
+            entry.answered(uuid.uuid4().hex, body, "paused" if paused else "completed")
+            _count_tokens(quotas, user, usage_of(body))
             return Response(upstream.content, status=200, content_type="application/json")
 
     renew_every = settings.stream_lease_seconds / 3
@@ -225,13 +266,15 @@ def answer(payload: dict[str, Any]) -> Response:
     body = relay(
         upstream,
         heartbeat_interval=settings.heartbeat_interval,
-        stop=functools.partial(dify.stop, user=user, request_id=g.get("request_id")),
+        stop=functools.partial(dify.stop, user=user, request_id=g.get("request_id"), app=app),
         stats=stats,
         ids=wants_ids(),
         recorder=answers.record(stats.stream_id.decode(), user),
         grace=settings.resume_grace,
         on_tick=renew_lease,
         on_end=finish,
+        bind=owners.binder(user),
+        await_task_id=not follow_run,
     )
     return Response(
         body,
@@ -319,6 +362,19 @@ def _restarting() -> ApiError:
         "The server is restarting; ask again in a moment.",
         {"Retry-After": "1"},
     )
+
+
+def usage_of(body: Any) -> Any:
+    """A blocking answer's usage: a chat or completion app's `metadata.usage`, or a workflow
+    run's `data.total_tokens`."""
+    if not isinstance(body, dict):
+        return None
+    metadata, run = body.get("metadata"), body.get("data")
+    if isinstance(metadata, dict) and isinstance(metadata.get("usage"), dict):
+        return metadata["usage"]
+    if isinstance(run, dict) and isinstance(run.get("total_tokens"), int):
+        return {"total_tokens": run["total_tokens"]}
+    return None
 
 
 def _count_tokens(quotas: Quotas, user: str, usage: Any) -> None:

@@ -21,8 +21,15 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-PASS_THROUGH_STATUSES = frozenset({400, 404, 413, 415, 429})
+# 412: a human-input form that was already answered (`human_input_form_submitted`).
+PASS_THROUGH_STATUSES = frozenset({400, 404, 412, 413, 415, 429})
 STOP_TIMEOUT_SECONDS = 5.0
+# Each kind of app stops its tasks at its own path.
+STOP_PATHS = {
+    "chat": "/chat-messages/{}/stop",
+    "workflow": "/workflows/tasks/{}/stop",
+    "completion": "/completion-messages/{}/stop",
+}
 # What `call` accepts as a path: segments of letters, digits, `-` and `_` only, so nothing a
 # caller built from a request can climb out of the API (`..`), smuggle a query, or add a segment.
 SAFE_PATH = re.compile(r"(?:/[A-Za-z0-9_-]+)+")
@@ -84,14 +91,17 @@ class Dify:
             method, path, params=params, json=json, data=data, headers=headers, stream=stream
         )
 
-    def stop(self, task_id: str, user: str, request_id: str | None = None) -> None:
+    def stop(
+        self, task_id: str, user: str, request_id: str | None = None, app: str = "chat"
+    ) -> None:
         """Best effort: a failure is logged, never raised, since the client is already gone.
 
         It runs after the request has ended, so the request id is handed over explicitly.
+        `app` picks the stop call (see STOP_PATHS).
         """
         try:
             response = self.session.post(
-                f"{self.base_url}/chat-messages/{task_id}/stop",
+                self.base_url + STOP_PATHS[app].format(task_id),
                 json={"user": user},
                 headers={**_request_id_header(request_id), **self._auth},
                 timeout=(self.timeout[0], STOP_TIMEOUT_SECONDS),

@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from . import runs
 from .chat import MAX_MESSAGE_CHARS
 
 bp = Blueprint("openapi", __name__)
@@ -22,6 +23,7 @@ ERROR_STATUSES = {
     "401": "Missing or invalid session.",
     "403": "A cookie session from a page that is not an allowed origin.",
     "404": "Not found (Dify's own 404s pass through).",
+    "412": "Dify's 412: the form was already answered.",
     "408": "The request body arrived too slowly.",
     "413": "The request body is too large.",
     "415": "Wrong Content-Type.",
@@ -135,6 +137,131 @@ CHAT_REQUEST = {
 APP_INFO = {
     name: {"get": _operation(f"Dify's /{name} for this app (cached briefly).", _json_answer(name))}
     for name in ("parameters", "meta", "info")
+}
+
+# --- runs: human input, workflow and completion apps (runs.py) ------------------------------
+NOT_YOURS = (
+    " An id this user's answers never carried (someone else's, or unknown) gets a 404, and "
+    "Dify is never asked."
+)
+MODE_MISMATCH = " A 400 `app_mode_mismatch` names the app's mode when it is not {}."
+RUN_BODY = {
+    "type": "object",
+    "properties": {
+        "inputs": JSON_OBJECT,
+        "files": {"type": "array", "items": JSON_OBJECT},
+        "response_mode": {"enum": ["streaming", "blocking"]},
+    },
+}
+RUN_STREAM = {
+    "200": {
+        "description": "Dify's answer: its SSE events (streaming), or its JSON (blocking).",
+        "content": {"text/event-stream": {}, "application/json": {}},
+    },
+    "204": STREAM["204"],
+}
+FORM_TOKEN = {
+    "name": "form_token",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": f"^{runs.FORM_TOKEN.pattern}$"},
+}
+RUN_PATHS: dict[str, Any] = {
+    "/api/form/human_input/{form_token}": {
+        "get": _operation(
+            "A human-input form (Dify's answer as is: 404 once expired, 412 "
+            "`human_input_form_submitted` once answered)." + NOT_YOURS,
+            _json_answer("The form: form_content, inputs, user_actions, expiration_time."),
+            parameters=[FORM_TOKEN],
+            errors=(*CLIENT_ERRORS, "412", *UPSTREAM_ERRORS),
+        ),
+        "post": _operation(
+            "Answer a form as the session's user. Dify's `{}` (JSON clients), or, with "
+            "`Accept: text/event-stream`, the rest of the run as SSE events with ids, recorded "
+            "and resumable with Last-Event-ID like /api/chat. Dify's 400 "
+            "`invalid_form_data` and 412 `human_input_form_submitted` pass through." + NOT_YOURS,
+            RUN_STREAM,
+            parameters=[FORM_TOKEN],
+            body=_json_body(
+                {
+                    "type": "object",
+                    "required": ["action"],
+                    "properties": {
+                        "inputs": JSON_OBJECT,
+                        "action": {
+                            "type": "string",
+                            "pattern": NOT_BLANK,
+                            "maxLength": runs.MAX_ACTION_CHARS,
+                        },
+                    },
+                }
+            ),
+            errors=(*CLIENT_ERRORS, "412", *JSON_BODY_ERRORS, *UPSTREAM_ERRORS),
+        ),
+    },
+    "/api/workflow/{workflow_run_id}/events": {
+        "get": _operation(
+            "Follow a run of this user's (after a reload, or while it waits for a form): "
+            "Dify's events from where the run is, pings while it is paused; the stream ends "
+            "with `workflow_finished`, or `workflow_paused` at the next form. Resumable with "
+            "Last-Event-ID." + NOT_YOURS + MODE_MISMATCH.format("workflow or advanced-chat"),
+            RUN_STREAM,
+            parameters=[
+                _path_id("workflow_run_id"),
+                _query("continue_on_pause", {"enum": ["true", "false"]}),
+                _query("include_state_snapshot", {"enum": ["true", "false"]}),
+            ],
+        )
+    },
+    "/api/workflows/run": {
+        "post": _operation(
+            "Run a workflow app (Dify's own body; `user` is the session's). Streams like "
+            "/api/chat, or Dify's JSON when blocking." + MODE_MISMATCH.format("workflow"),
+            RUN_STREAM,
+            body=_json_body(RUN_BODY),
+            errors=CLIENT_ERRORS + JSON_BODY_ERRORS + UPSTREAM_ERRORS,
+        )
+    },
+    "/api/workflows/tasks/{task_id}/stop": {
+        "post": _operation(
+            "Stop a workflow run." + NOT_YOURS + MODE_MISMATCH.format("workflow"),
+            _json_answer("Stopped."),
+            parameters=[_path_id("task_id")],
+        )
+    },
+    "/api/workflows/run/{workflow_run_id}": {
+        "get": _operation(
+            "A run's status and outputs (Dify's run detail)."
+            + NOT_YOURS
+            + MODE_MISMATCH.format("workflow or advanced-chat"),
+            _json_answer("The run."),
+            parameters=[_path_id("workflow_run_id")],
+        )
+    },
+    "/api/completion-messages": {
+        "post": _operation(
+            "Send to a completion app (Dify's own body; `user` is the session's). Streams like "
+            "/api/chat, or Dify's JSON when blocking." + MODE_MISMATCH.format("completion"),
+            RUN_STREAM,
+            body=_json_body(
+                {
+                    **RUN_BODY,
+                    "properties": {
+                        **RUN_BODY["properties"],
+                        "query": {"type": "string", "maxLength": MAX_MESSAGE_CHARS},
+                    },
+                }
+            ),
+            errors=CLIENT_ERRORS + JSON_BODY_ERRORS + UPSTREAM_ERRORS,
+        )
+    },
+    "/api/completion-messages/{task_id}/stop": {
+        "post": _operation(
+            "Stop a completion." + NOT_YOURS + MODE_MISMATCH.format("completion"),
+            _json_answer("Stopped."),
+            parameters=[_path_id("task_id")],
+        )
+    },
 }
 
 DOCUMENT: dict[str, Any] = {
@@ -303,6 +430,7 @@ DOCUMENT: dict[str, Any] = {
             )
         },
         **{f"/api/{name}": item for name, item in APP_INFO.items()},
+        **RUN_PATHS,
         "/healthz": {
             "get": _operation("Liveness.", _json_answer("Serving."), public=True, errors=())
         },

@@ -45,13 +45,34 @@ RESTARTING_MESSAGE = (
     "The server is restarting; the answer is incomplete. Reconnect to get what was recorded, "
     "or ask again."
 )
-TERMINAL_EVENTS = frozenset({"message_end", "error"})
-# Where Dify reports the tokens an answer used: `message_end` (its metadata.usage), and for a
-# chatflow `workflow_finished` too (data.total_tokens), which is all a stopped one may send.
-USAGE_EVENTS = frozenset({"message_end", "workflow_finished"})
 # After the proxy asks Dify to stop an answer nobody reads, it reads on this long for Dify's
 # last events and their usage report, so that the tokens are counted; then it hangs up.
 STOP_READ_SECONDS = 5.0
+# How an event ends Dify's stream, when it is the last such event: a chat answer ends with
+# `message_end`, a chatflow's with `workflow_finished` after it, a workflow app's with
+# `workflow_finished`, and a run that waits for a person with `workflow_paused` (a clean end: no
+# error event, no stop, which would abort the run once the form is answered). A
+# `workflow_started` (a paused run resumed on the same stream, `continue_on_pause`) makes an
+# earlier pause no ending.
+ENDINGS: dict[str, str | None] = {
+    "message_end": "completed",
+    "workflow_finished": "completed",
+    "workflow_paused": "paused",
+    "error": "upstream_error",
+    "workflow_started": None,
+}
+CLEAN_ENDINGS = frozenset({"completed", "paused", "upstream_error"})  # nothing to stop
+# The events whose JSON is read (besides an answer's first): the few that carry a new id to
+# bind, a form, or the usage. Every other event goes through unparsed.
+NOTED_EVENTS = frozenset(
+    {
+        "message_end",
+        "workflow_finished",
+        "workflow_started",
+        "human_input_required",
+        "workflow_paused",
+    }
+)
 
 
 @dataclass
@@ -65,6 +86,7 @@ class StreamStats:
     bytes: int = 0
     end: str = "running"
     task_id: str | None = None
+    workflow_run_id: str | None = None
     conversation_id: str | None = None
     message_id: str | None = None
     usage: dict[str, Any] | None = None
@@ -86,6 +108,8 @@ class _Answer:
     stats: StreamStats
     ids: bool
     recorder: Recorder | None
+    bind: Callable[[Any], None] | None = None
+    await_task_id: bool = True
     handoff: queue.Queue = field(default_factory=queue.Queue)
     attached: bool = True  # the original client is still reading
     ending: tuple[str, int, str, str] | None = None  # an ending imposed from outside (drain)
@@ -107,6 +131,8 @@ def relay(
     grace: float = 0.0,
     on_tick: Callable[[], None] = lambda: None,
     on_end: Callable[[StreamStats], None] = lambda stats: None,
+    bind: Callable[[Any], None] | None = None,
+    await_task_id: bool = True,
 ) -> Iterator[bytes]:
     """Yield the client's bytes: the response head at once, then Dify's events unchanged.
 
@@ -115,9 +141,13 @@ def relay(
     that leaves mid-answer leaves Dify running for `grace` seconds, so that a reconnect gets
     the whole answer. `on_tick` runs at least once per heartbeat interval while the answer runs
     (to renew a lease); `on_end` runs once when both the answer and the client's stream are
-    over, however they ended.
+    over, however they ended. `bind` is called with each event the relay parses (the first,
+    and those in NOTED_EVENTS), before it reaches the client, to bind the ids it carries to
+    the user. Without `await_task_id`, a client that leaves before any data event came has the
+    stream hung up on at once, not read on until a task id comes to stop (a run that is
+    paused, being followed, must not be stopped).
     """
-    answer = _Answer(upstream, stats, ids, recorder)
+    answer = _Answer(upstream, stats, ids, recorder, bind, await_task_id)
     answer.reader = threading.Thread(target=_read, args=(answer, stop, on_end), daemon=True)
     _open[answer.handoff] = answer
     try:
@@ -202,8 +232,12 @@ def _linger(
                 # not one late one, mean it has gone too.
                 keep = max(grace, 3 * SEEN_EVERY_SECONDS)
                 deadline = max(deadline, time.monotonic() - (time.time() - seen) + keep)
-        if time.monotonic() >= deadline and answer.stats.task_id:
+        if time.monotonic() >= deadline and (answer.stats.task_id or not answer.await_task_id):
             answer.reason = "abandoned"
+            if answer.stats.task_id is None:
+                # A followed run that sent nothing but pings (still paused): leave it be.
+                _hang_up(answer.upstream)
+                return
             read_until = time.monotonic() + STOP_READ_SECONDS
             answer.stop_asked = True
             stop(answer.stats.task_id)
@@ -299,7 +333,7 @@ def _read(
         end = _read_events(answer)
     finally:
         answer.upstream.close()
-    if stats.usage is None and end.reason != "completed":
+    if stats.usage is None and end.reason not in ("completed", "paused"):
         stats.usage = _usage_estimate(stats.events - (1 if end.final else 0))
     if end.final:
         seq = stats.events
@@ -320,11 +354,7 @@ def _read(
     answer.reason = stats.answer_end = end.reason
     answer.finished.set()
     _done(answer, on_end)
-    if (
-        stats.task_id
-        and end.reason not in ("completed", "upstream_error")
-        and not answer.stop_asked
-    ):
+    if stats.task_id and end.reason not in CLEAN_ENDINGS and not answer.stop_asked:
         stop(stats.task_id)  # last: a slow Dify must not hold up the stream's ending
 
 
@@ -333,7 +363,7 @@ def _read_events(answer: _Answer) -> _End:
     upstream, stats, ids, recorder = answer.upstream, answer.stats, answer.ids, answer.recorder
     sid = stats.stream_id
     pending = b""
-    terminal: str | None = None
+    ending: str | None = None
     yielded_at = 0.0
     try:
         for data in _network_reads(upstream):
@@ -355,10 +385,13 @@ def _read_events(answer: _Answer) -> _End:
                     continue
                 stats.events += 1
                 seq = stats.events
-                if stats.task_id is None or kind in USAGE_EVENTS:
-                    _note_ids(stats, sse.event_data(event))
-                if kind in TERMINAL_EVENTS:
-                    terminal = kind
+                if stats.task_id is None or kind in NOTED_EVENTS:
+                    data = sse.event_data(event)
+                    _note_ids(stats, data)
+                    if answer.bind is not None:
+                        answer.bind(data)
+                if kind in ENDINGS:
+                    ending = ENDINGS[kind]
                 if recorder is not None:
                     records.append((seq, event))
                     size += len(event)
@@ -389,10 +422,8 @@ def _read_events(answer: _Answer) -> _End:
         return _failed_ending(stats, *answer.ending)
     if answer.reason == "abandoned":
         return _End("abandoned")
-    if terminal == "message_end":
-        return _End("completed")
-    if terminal == "error":
-        return _End("upstream_error")
+    if ending is not None:
+        return _End(ending)
     return _failed_ending(
         stats,
         "upstream_dropped",
@@ -424,10 +455,13 @@ def _note_ids(stats: StreamStats, data: Any) -> None:
     stats.task_id = stats.task_id or _str(data.get("task_id"))
     stats.conversation_id = stats.conversation_id or _str(data.get("conversation_id"))
     stats.message_id = stats.message_id or _str(data.get("message_id"))
-    if data.get("event") == "message_end":
+    stats.workflow_run_id = stats.workflow_run_id or _str(data.get("workflow_run_id"))
+    event = data.get("event")
+    if event == "message_end":
         usage = (data.get("metadata") or {}).get("usage")
         stats.usage = usage if isinstance(usage, dict) else None
-    elif data.get("event") == "workflow_finished" and stats.usage is None:
+    elif event in ("workflow_finished", "workflow_paused") and stats.usage is None:
+        # A workflow app has no message_end; a chatflow's usage came with its message_end.
         run = data.get("data")
         tokens = run.get("total_tokens") if isinstance(run, dict) else None
         if isinstance(tokens, int) and not isinstance(tokens, bool):

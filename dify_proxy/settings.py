@@ -76,6 +76,7 @@ class Settings:
     daily_cost_budget: Decimal = Decimal(0)
     monthly_cost_budget: Decimal = Decimal(0)
     max_resumes_per_user: int = 5
+    ownership_ttl: float = 7 * 86400.0
 
     def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
         return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
@@ -310,6 +311,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         daily_cost_budget=_money(env, "DAILY_COST_BUDGET"),
         monthly_cost_budget=_money(env, "MONTHLY_COST_BUDGET"),
         max_resumes_per_user=_count(env, "MAX_RESUMES_PER_USER", Settings.max_resumes_per_user),
+        ownership_ttl=_seconds(env, "OWNERSHIP_TTL", Settings.ownership_ttl),
     )
 
 

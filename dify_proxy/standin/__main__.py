@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--api-key", help=f"default: $STANDIN_API_KEY or {DEFAULT_API_KEY}")
+    parser.add_argument(
+        "--api-key",
+        help=f"the chatflow's key K (default: $STANDIN_API_KEY or {DEFAULT_API_KEY}); "
+        "K-workflow, K-completion and K-chat open the workflow, completion and chat apps",
+    )
     args = parser.parse_args(argv)
     raise_fd_limit()
 

@@ -105,7 +105,7 @@ def test_a_fresh_clone_with_a_filled_in_env_streams_a_reply_under_honcho(
         honcho.wait(timeout=30)
 
     for events in (by_jwks, by_secret):
-        assert events[-1]["event"] == "message_end"
+        assert [e["event"] for e in events][-2:] == ["message_end", "workflow_finished"]
         answer = "".join(e["answer"] for e in events if e["event"] == "message")
         assert answer.startswith("You said: Hello there.")
     log_text = (tmp_path / "honcho.log").read_text(errors="replace")
@@ -129,7 +129,7 @@ def test_the_run_command_with_env_example_copied_as_is_runs_the_stand_in_and_say
         in printed
     )
     assert f"demo:  http://127.0.0.1:{port}/demo" in printed
-    assert events[-1]["event"] == "message_end"
+    assert [e["event"] for e in events][-2:] == ["message_end", "workflow_finished"]
 
 
 def test_the_run_command_with_real_values_says_real_dify_and_how_sessions_are_checked(

@@ -16,7 +16,7 @@ import requests
 from dify_proxy import redisconn
 from tests.integration.conftest import scenario
 from tests.support import tokens
-from tests.support.sse_client import read_stream
+from tests.support.sse_client import AROUND, CLOSING, read_stream
 
 SSE = {"Accept": "text/event-stream"}
 SLOW = {"events": 12, "interval": 0.15, "text": "word "}  # about two seconds of answer
@@ -59,11 +59,11 @@ def answer_of(*parts) -> str:
 
 
 def assert_whole_once(first, rest) -> None:
-    """The two parts make the answer: every event once, in order, then message_end."""
+    """The two parts make the answer: every event once, in order, then the chatflow's end."""
     data_seqs = [s for s in seqs(first) + seqs(rest) if s > 0]
-    assert data_seqs == list(range(1, SLOW["events"] + 2))
+    assert data_seqs == list(range(1, SLOW["events"] + AROUND + 1))
     assert answer_of(first, rest) == SLOW["text"] * SLOW["events"]
-    assert rest.data()[-1]["event"] == "message_end"
+    assert rest.kinds()[-len(CLOSING) :] == CLOSING
     assert rest.ended
 
 
@@ -146,7 +146,7 @@ def test_a_resume_lands_on_another_worker_of_the_same_instance(start_proxy, stan
         first = read_stream(response, until=lambda r: len(r.data()) >= 2)
         cut(response)
         rest = read_stream(resume(proxy, first.ids()[-1]))
-        assert rest.data()[-1]["event"] == "message_end"
+        assert rest.kinds()[-len(CLOSING) :] == CLOSING
         lines = [json.loads(line) for line in proxy.log().splitlines() if '"request"' in line]
         pids = {line["pid"] for line in lines if line.get("path") == "/api/chat"}
         if any(line.get("resumed") for line in lines) and len(pids) == 2:
@@ -190,7 +190,7 @@ def test_when_redis_stops_mid_answer_the_client_loses_nothing_and_resume_uses_th
     assert [int(i.rsplit("-", 1)[1]) for i in combined if not i.endswith("-0")] == list(
         range(1, len(first.data()) + len(more.data()) + 1)
     )
-    assert rest.data()[-1]["event"] == "message_end"
+    assert rest.kinds()[-len(CLOSING) :] == CLOSING
     assert answer_of(first, more, rest) == SLOW["text"] * SLOW["events"]
 
 
@@ -214,7 +214,7 @@ def test_a_reconnect_within_the_grace_keeps_the_answer_running_past_it(start_pro
     first = read_stream(response, until=lambda r: len(r.data()) >= 2)
     cut(response)
     rest = read_stream(resume(proxy, first.ids()[-1]))
-    assert rest.data()[-1]["event"] == "message_end"
+    assert rest.kinds()[-len(CLOSING) :] == CLOSING
     assert not standin.stops()
 
 
@@ -244,7 +244,7 @@ def test_an_expired_id_gets_204(start_proxy, standin):
 def test_an_answer_over_the_record_cap_cannot_be_resumed(start_proxy, standin):
     proxy = start_proxy(RESUME_GRACE="10", RESUME_MAX_BYTES="2000")
     received = read_stream(ask(proxy, {"events": 20, "interval": 0, "pad": 200}))
-    assert received.data()[-1]["event"] == "message_end"  # it still streamed whole, live
+    assert received.kinds()[-len(CLOSING) :] == CLOSING  # it still streamed whole, live
     assert resume(proxy, received.ids()[1]).status_code == 204
 
 

@@ -7,12 +7,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).parent / "recordings"
-# Both recordings as current Dify frames them: `data: ` + compact raw-UTF-8 JSON + blank line,
-# and `event: ping` blocks. A chat stream ends with one of `message_end` or `error`, so two.
+# Recordings as current Dify frames them: `data: ` + compact raw-UTF-8 JSON + blank line, and
+# `event: ping` blocks. The first two end a chat app's stream in its two ways (`message_end`,
+# `error`); the others are real Dify 1.16.1's, from tests/standin/captures/ with the chunk
+# framing taken off: a chatflow's answer, its pause at a Human Input node, the resumed run
+# (plain, and aborted by a stop while paused), and a workflow app's run.
 RECORDINGS = {
     "chatflow_tts": "a chatflow answer: workflow and node events, message, message_replace, "
     "message_end with usage and retriever_resources, tts_message, tts_message_end",
     "agent_error": "an agent answer: agent_thought, message_file, agent_message, then error",
+    "chatflow_echo_1_16": "a chatflow answer as Dify 1.16.1 sends it: message events before "
+    "the node events, workflow_finished after message_end",
+    "hitl_paused": "a chatflow paused at a Human Input node: human_input_required, then "
+    "workflow_paused, and no message_end",
+    "hitl_resumed": "the same run after its form was answered: workflow_started (resumption), "
+    "message, node events, message_end, workflow_finished",
+    "hitl_resumed_stopped": "a resumed run that a stop aborted: workflow_finished with status "
+    "stopped, and no message_end",
+    "workflow_run": "a workflow app's run: workflow_started, text_chunk, node events, "
+    "workflow_finished",
 }
 STALL = 2.5  # seconds of silence mid-answer: with HEARTBEAT_INTERVAL=1, keep-alives fire
 PING = b"event: ping\n\n"

@@ -9,6 +9,13 @@ from dataclasses import dataclass, field
 
 import requests
 
+# How the stand-in's chatflow (its default app, as real Dify 1.16.1) opens and closes an answer
+# around its `message` events: the run starts, then after the answer the Start and Answer nodes'
+# events, `message_end`, and `workflow_finished` last.
+OPENING = ["workflow_started"]
+CLOSING = ["node_started", "node_finished"] * 2 + ["message_end", "workflow_finished"]
+AROUND = len(OPENING) + len(CLOSING)  # data events that are not the answer's messages
+
 
 @dataclass
 class Received:
@@ -38,6 +45,18 @@ class Received:
 
     def data(self) -> list[dict]:
         return [json.loads(e[len(b"data: ") :]) for e in self.data_events()]
+
+    def kinds(self) -> list[str]:
+        """Each data event's type, in order."""
+        return [d["event"] for d in self.data()]
+
+    def messages(self) -> list[dict]:
+        """The answer's `message` events."""
+        return [d for d in self.data() if d["event"] == "message"]
+
+    def last(self, kind: str) -> dict:
+        """The last data event of this type."""
+        return [d for d in self.data() if d["event"] == kind][-1]
 
     def pings(self) -> int:
         return sum(1 for e in self.events() if _without_id(e).startswith(b"event: ping\n"))

@@ -42,6 +42,13 @@ def settings(settings):
     return dataclasses.replace(settings, max_upload_bytes=UPLOAD_LIMIT)
 
 
+@pytest.fixture
+def app(app):
+    """TASK is the test user's, as if one of their answers had carried it."""
+    app.extensions["dify_proxy.owners"].bind("task", TASK, USER)
+    return app
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     """One proxy route, the Dify call it maps to, and where Dify reads `user` for it."""
@@ -755,3 +762,33 @@ def test_an_app_info_ttl_of_zero_turns_the_cache_off(settings, clock, requests_m
     for _ in range(2):
         app.test_client().get("/api/meta", headers=headers)
     assert meta.call_count == 2
+
+
+# --- runs only their owner can touch ----------------------------------------------------------
+
+OTHER_TASK = "d4e5f607-1829-4b3c-8d4e-5f6071829304"
+
+
+def test_stopping_another_users_task_is_a_404_and_never_reaches_dify(app, client, dify):
+    app.extensions["dify_proxy.owners"].bind("task", OTHER_TASK, "someone-else")
+    response = client.post(
+        f"/api/chat/{OTHER_TASK}/stop", headers={"Authorization": f"Bearer {tokens.hs256()}"}
+    )
+    assert response.status_code == 404
+    assert response.get_json() == {"code": "not_found", "message": "Task not found.", "status": 404}
+    assert dify.count == 0
+
+
+def test_another_users_task_and_an_unknown_one_get_the_same_answer(app, client, dify):
+    app.extensions["dify_proxy.owners"].bind("task", OTHER_TASK, "someone-else")
+    auth = {"Authorization": f"Bearer {tokens.hs256()}"}
+    theirs = client.post(f"/api/chat/{OTHER_TASK}/stop", headers=auth)
+    unknown = client.post("/api/chat/e5f60718-293a-4c4d-9e5f-60718293a4b5/stop", headers=auth)
+    assert (theirs.status_code, theirs.data) == (unknown.status_code, unknown.data)
+    assert dify.count == 0
+
+
+def test_the_owner_of_a_task_stops_it_at_dify(client, auth, dify):
+    response = client.post(f"/api/chat/{TASK}/stop", headers=auth)
+    assert response.status_code == 200
+    assert (dify.path, dify.json) == (f"/v1/chat-messages/{TASK}/stop", {"user": USER})

@@ -662,3 +662,128 @@ def test_a_client_that_leaves_before_difys_first_event_stops_the_task_once_its_i
     assert stream.stop_called.wait(5)
     assert stream.stopped == [TASK]
     assert dify.hung_up.wait(10)
+
+
+# --- endings of runs (Dify 1.13+: human input, workflow apps) --------------------------------
+
+RUN = "13924a7f-b93e-4e89-80c2-6525bb22e834"
+FORM_TOKEN = "KawXGk6sET2ndcOxyXFfFB"
+STARTED = dify_event("workflow_started", workflow_run_id=RUN, data={"id": RUN})
+FORM = dify_event(
+    "human_input_required",
+    workflow_run_id=RUN,
+    data={"form_token": FORM_TOKEN, "expiration_time": 1796702375},
+)
+PAUSED = dify_event(
+    "workflow_paused",
+    workflow_run_id=RUN,
+    data={"workflow_run_id": RUN, "reasons": [{"form_token": FORM_TOKEN}], "status": "paused"},
+)
+
+
+def finished(total_tokens: int = 0, status: str = "succeeded") -> bytes:
+    return dify_event(
+        "workflow_finished",
+        workflow_run_id=RUN,
+        data={"id": RUN, "status": status, "total_tokens": total_tokens},
+    )
+
+
+def test_a_run_paused_for_a_person_ends_cleanly_with_no_error_event_and_no_stop(dify):
+    stream = Stream(dify)
+    dify.send(STARTED, FORM, PAUSED)
+    dify.end()
+    assert stream.read_all() == STARTED + FORM + PAUSED
+    assert stream.stats.end == "paused"
+    assert eventually(lambda: stream.ended == [stream.stats])
+    assert stream.stats.answer_end == "paused"
+    assert not stream.stop_called.wait(0.1)
+
+
+def test_a_chatflows_workflow_finished_after_message_end_reaches_the_client(dify):
+    stream = Stream(dify)
+    dify.send(STARTED, HELLO, END, pause=0.01)
+    dify.send(finished())
+    dify.end()
+    assert stream.read_all() == STARTED + HELLO + END + finished()
+    assert stream.stats.end == "completed"
+    assert not stream.stop_called.wait(0.1)
+
+
+def test_a_workflow_apps_stream_ends_with_workflow_finished(dify):
+    chunk = dify_event("text_chunk", workflow_run_id=RUN, data={"text": "hi"})
+    stream = Stream(dify)
+    dify.send(STARTED, chunk, finished(7))
+    dify.end()
+    assert stream.read_all() == STARTED + chunk + finished(7)
+    assert stream.stats.end == "completed"
+    assert stream.stats.usage == {"total_tokens": 7}
+    assert stream.stats.workflow_run_id == RUN
+    assert not stream.stop_called.wait(0.1)
+
+
+def test_a_chatflows_usage_is_its_message_ends_not_its_workflow_finisheds(dify):
+    stream = Stream(dify)
+    dify.send(STARTED, HELLO, END, finished(999))
+    dify.end()
+    stream.read_all()
+    assert stream.stats.usage == {"total_tokens": 42}
+
+
+def test_a_run_resumed_on_the_same_stream_and_then_cut_is_a_dropped_stream(dify):
+    """With continue_on_pause, a pause followed by the run's next start is no ending."""
+    stream = Stream(dify)
+    dify.send(STARTED, FORM, PAUSED, STARTED, HELLO)
+    dify.end()
+    error = final_event(stream.read_all())
+    assert (error["event"], error["code"]) == ("error", "upstream_dropped")
+    assert stream.stop_called.wait(5)
+
+
+def test_a_run_that_ends_with_none_of_the_endings_is_still_a_dropped_stream(dify):
+    stream = Stream(dify)
+    dify.send(STARTED, FORM)
+    dify.end()
+    error = final_event(stream.read_all())
+    assert error["code"] == "upstream_dropped"
+    assert stream.stats.end == "upstream_dropped"
+
+
+def test_each_id_carrying_event_is_bound_before_the_client_gets_it(dify):
+    received: list[bytes] = []
+    bound: list[tuple[str, bool]] = []
+
+    def bind(data: Any) -> None:
+        bound.append((data["event"], FORM in b"".join(received)))
+
+    stream = Stream(dify, bind=bind)
+    dify.send(STARTED, HELLO, HELLO, FORM, PAUSED)
+    dify.end()
+    received.extend(stream.body)
+    assert bound == [
+        ("workflow_started", False),
+        ("human_input_required", False),
+        ("workflow_paused", False),
+    ]
+    assert b"".join(received) == STARTED + HELLO + HELLO + FORM + PAUSED
+
+
+def test_the_relay_parses_no_message_event_once_it_has_the_task_id(dify, monkeypatch):
+    parsed = []
+    real = sse.event_data
+    monkeypatch.setattr(sse, "event_data", lambda event: parsed.append(event) or real(event))
+    stream = Stream(dify)
+    dify.send(STARTED, HELLO, WORLD, HELLO, END, finished())
+    dify.end()
+    stream.read_all()
+    assert parsed == [STARTED, END, finished()]
+
+
+def test_without_await_task_id_a_client_leaving_a_silent_run_hangs_up_and_stops_nothing(dify):
+    """Following a paused run: a client that leaves before it resumes must not stop it."""
+    stream = Stream(dify, heartbeat=0.05, await_task_id=False)
+    assert next(stream.body) == b""
+    assert next(stream.body) == sse.PING
+    stream.body.close()
+    assert dify.hung_up.wait(10)
+    assert not stream.stop_called.wait(0.2)
