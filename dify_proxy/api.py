@@ -1,5 +1,5 @@
-"""The rest of Dify's chat API under `/api`: stop, conversations, messages, feedback, files,
-audio and the app's settings, each called as the session's user.
+"""The rest of Dify's chat API under `/api`: stop, conversations and their variables, messages,
+feedback, files, audio and the app's settings, each called as the session's user.
 
 Dify's `user` always comes from the session and goes where Dify reads it (query, JSON body or
 multipart field); a `user` the client sends is never read. Everything the proxy can check (ids
@@ -36,6 +36,7 @@ from .validation import (
     query_limit,
     query_sort_by,
     query_uuid,
+    query_variable_name,
     read_json_object,
     refuse_head,
     validate_uuid,
@@ -45,6 +46,7 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 bp.before_request(refuse_head)
 
 RATINGS = ("like", "dislike", None)
+APP_INFO = ("parameters", "meta", "info", "site")  # app-wide, no user: cached
 MAX_NAME_CHARS = 255  # Dify stores a conversation name in a varchar(255)
 MAX_FEEDBACK_CHARS = 2_000
 MAX_VOICE_CHARS = 100
@@ -124,6 +126,38 @@ def delete_conversation(conversation_id: str) -> Response:
     conversation_id = validate_uuid(conversation_id, "conversation_id")
     dify().call("DELETE", f"/conversations/{conversation_id}", json={"user": g.user_id}).close()
     return Response(status=204)
+
+
+@bp.get("/conversations/<conversation_id>/variables")
+@require_session
+def list_conversation_variables(conversation_id: str) -> Response:
+    """Dify looks the conversation up under `user`, so another user's id is Dify's 404."""
+    conversation_id = validate_uuid(conversation_id, "conversation_id")
+    params = user_params(
+        last_id=query_uuid("last_id"), limit=query_limit(), variable_name=query_variable_name()
+    )
+    return json_answer(
+        dify().call("GET", f"/conversations/{conversation_id}/variables", params=params)
+    )
+
+
+@bp.put("/conversations/<conversation_id>/variables/<variable_id>")
+@require_session
+def update_conversation_variable(conversation_id: str, variable_id: str) -> Response:
+    """`value` is any JSON, null included: whether it fits the variable's type is Dify's to say
+    (a 400 naming the type), since only Dify knows the type."""
+    conversation_id = validate_uuid(conversation_id, "conversation_id")
+    variable_id = validate_uuid(variable_id, "variable_id")
+    body = read_json_object()
+    if "value" not in body:
+        raise bad_request("value is required (any JSON value of the variable's type).")
+    return json_answer(
+        dify().call(
+            "PUT",
+            f"/conversations/{conversation_id}/variables/{variable_id}",
+            json={"value": body["value"], "user": g.user_id},
+        )
+    )
 
 
 # --- messages -------------------------------------------------------------------------------
@@ -341,8 +375,8 @@ def relay_bytes(upstream: requests.Response) -> Iterator[bytes]:
 
 
 class AppInfoCache:
-    """Dify's app-wide answers (`/parameters`, `/meta`, `/info`), kept per process for `ttl`
-    seconds: every page load asks for them, and they change only when the app is edited."""
+    """Dify's app-wide answers (`/parameters`, `/meta`, `/info`, `/site`), kept per process for
+    `ttl` seconds: every page load asks for them, and they change only when the app is edited."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
@@ -367,7 +401,7 @@ def _init_cache(state: BlueprintSetupState) -> None:
 bp.record_once(_init_cache)
 
 
-@bp.get("/<any(parameters, meta, info):name>")
+@bp.get(f"/<any({', '.join(APP_INFO)}):name>")
 @require_session
 def app_info(name: str) -> Response:
     cache: AppInfoCache = current_app.extensions["dify_proxy.app_info"]

@@ -19,6 +19,8 @@ from .errors import ApiError
 
 MIN_LIMIT, MAX_LIMIT = 1, 100
 SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
+# Dify's filter for conversation variables: 1-255 letters, digits, `_`, `-` and `.`.
+VARIABLE_NAME = r"[A-Za-z0-9_.\-]{1,255}"
 
 
 def refuse_head() -> None:
@@ -93,6 +95,17 @@ def query_sort_by() -> str | None:
         return None
     if value not in SORT_ORDERS:
         raise bad_request(f"sort_by must be one of {', '.join(SORT_ORDERS)}.")
+    return value
+
+
+def query_variable_name() -> str | None:
+    value = request.args.get("variable_name")
+    if value in (None, ""):
+        return None
+    if not re.fullmatch(VARIABLE_NAME, value, re.ASCII):
+        raise bad_request(
+            "variable_name must be 1 to 255 letters, digits, underscores, hyphens or periods."
+        )
     return value
 
 

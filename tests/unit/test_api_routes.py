@@ -24,6 +24,7 @@ USER = tokens.USER_ID
 TASK = "c3d4e5f6-0718-4a2b-9c3d-4e5f60718293"
 CONVERSATION = "3f8e5c1a-9b2d-4e6f-8a7b-1c2d3e4f5a6b"
 MESSAGE = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+VARIABLE = "0b6f5d2c-4e3a-4f1b-9c8d-7a6e5f4d3c2b"
 UPLOAD_LIMIT = 3 * 1024 * 1024
 UPLOADED = {
     "id": "72fa9618-8f89-4a37-9b33-7e1178a24a67",
@@ -78,6 +79,23 @@ ROUTES = [
         "json",
     ),
     Route(
+        "variables",
+        "GET",
+        f"/api/conversations/{CONVERSATION}/variables",
+        "GET",
+        f"/conversations/{CONVERSATION}/variables",
+        "query",
+    ),
+    Route(
+        "set variable",
+        "PUT",
+        f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}",
+        "PUT",
+        f"/conversations/{CONVERSATION}/variables/{VARIABLE}",
+        "json",
+        body={"value": "Paris"},
+    ),
+    Route(
         "messages",
         "GET",
         "/api/messages",
@@ -118,7 +136,7 @@ ROUTES = [
     ),
 ]
 JSON_ROUTES = [r for r in ROUTES if r.name not in ("delete", "text-to-audio")]
-APP_INFO = ["parameters", "meta", "info"]
+APP_INFO = ["parameters", "meta", "info", "site"]
 ANY_DIFY_URL = re.compile(re.escape(DIFY_URL) + ".*")
 
 
@@ -140,7 +158,7 @@ def call(client, auth, route: Route, *, user: str | None = None, headers: dict |
         data = upload_data(**({"user": user} if user is not None else {}))
         return client.post(route.path, query_string=query, data=data, headers=headers)
     kwargs: dict[str, Any] = {"query_string": query, "headers": headers}
-    if route.body is not None or route.method == "POST":
+    if route.body is not None or route.method in ("POST", "PUT"):
         body = dict(route.body or {})
         if user is not None:
             body["user"] = user
@@ -275,6 +293,45 @@ def test_empty_optional_query_values_count_as_absent(client, auth, dify):
     assert dify.query == {"user": [USER]}
 
 
+def test_conversation_variables_forward_last_id_limit_and_variable_name_only(client, auth, dify):
+    query = {"last_id": VARIABLE, "limit": "100", "variable_name": "trip.city-2_b", "x": "y"}
+    client.get(f"/api/conversations/{CONVERSATION}/variables", query_string=query, headers=auth)
+    assert dify.query == {
+        "last_id": [VARIABLE],
+        "limit": ["100"],
+        "variable_name": ["trip.city-2_b"],
+        "user": [USER],
+    }
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Paris", "", 42, 1.5, True, None, ["a", "b"], {"city": "Paris", "days": [1, 2]}],
+    ids=["string", "empty string", "integer", "float", "boolean", "null", "array", "object"],
+)
+def test_setting_a_variable_forwards_any_json_value_for_dify_to_type_check(
+    client, auth, dify, value
+):
+    path = f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}"
+    response = client.put(path, json={"value": value, "extra": 1}, headers=auth)
+    assert response.status_code == 200
+    assert dify.json == {"value": value, "user": USER}
+
+
+def test_difys_400_for_a_value_of_the_wrong_type_passes_through(client, auth, requests_mock):
+    error = {
+        "code": "bad_request",
+        "message": "Type mismatch: variable 'city' expects string, but got number type",
+        "status": 400,
+    }
+    requests_mock.put(
+        f"{DIFY_URL}/conversations/{CONVERSATION}/variables/{VARIABLE}", status_code=400, json=error
+    )
+    path = f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}"
+    response = client.put(path, json={"value": 3}, headers=auth)
+    assert (response.status_code, response.json) == (400, error)
+
+
 def test_rename_forwards_the_name(client, auth, dify):
     client.post(f"/api/conversations/{CONVERSATION}/name", json={"name": "Trip"}, headers=auth)
     assert dify.json == {"name": "Trip", "auto_generate": False, "user": USER}
@@ -293,6 +350,15 @@ def test_feedback_forwards_the_rating_including_null_to_withdraw(client, auth, d
     response = client.post(path, json={"rating": rating}, headers=auth)
     assert response.status_code == 200
     assert dify.json == {"rating": rating, "user": USER}
+
+
+@pytest.mark.parametrize("content", ["", "   ", "\n"], ids=["empty", "spaces", "newline"])
+def test_feedback_content_is_free_text_so_empty_or_blank_is_forwarded(client, auth, dify, content):
+    """Dify takes `content` as optional free text (`str | None`), and so does the document."""
+    path = f"/api/messages/{MESSAGE}/feedbacks"
+    response = client.post(path, json={"rating": "like", "content": content}, headers=auth)
+    assert response.status_code == 200
+    assert dify.json == {"rating": "like", "content": content, "user": USER}
 
 
 def test_feedback_forwards_content_of_up_to_2000_characters(client, auth, dify):
@@ -495,6 +561,31 @@ BAD_REQUESTS = [
     ("POST", f"/api/conversations/{CONVERSATION}/name", {"name": "x" * 256}, "255"),
     ("POST", f"/api/conversations/{CONVERSATION}/name", {"auto_generate": "yes"}, "auto_generate"),
     ("DELETE", "/api/conversations/nope", None, "conversation_id"),
+    ("GET", "/api/conversations/nope/variables", None, "conversation_id"),
+    ("GET", f"/api/conversations/{CONVERSATION}/variables?last_id=x", None, "last_id"),
+    ("GET", f"/api/conversations/{CONVERSATION}/variables?limit=0", None, "limit"),
+    ("GET", f"/api/conversations/{CONVERSATION}/variables?limit=101", None, "limit"),
+    (
+        "GET",
+        f"/api/conversations/{CONVERSATION}/variables?variable_name=a%27%20or%201",
+        None,
+        "variable_name",
+    ),
+    (
+        "GET",
+        f"/api/conversations/{CONVERSATION}/variables?variable_name={'v' * 256}",
+        None,
+        "variable_name",
+    ),
+    ("PUT", f"/api/conversations/nope/variables/{VARIABLE}", {"value": 1}, "conversation_id"),
+    ("PUT", f"/api/conversations/{CONVERSATION}/variables/nope", {"value": 1}, "variable_id"),
+    ("PUT", f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}", {}, "value"),
+    (
+        "PUT",
+        f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}",
+        {"val": 1},
+        "value is required",
+    ),
     ("GET", "/api/messages", None, "conversation_id"),
     ("GET", "/api/messages?conversation_id=nope", None, "conversation_id"),
     ("GET", f"/api/messages?conversation_id={CONVERSATION}&first_id=x", None, "first_id"),
@@ -553,15 +644,18 @@ def test_sort_by_accepts_difys_four_orders(client, auth, dify, sort_by):
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("method", "path"),
     [
-        f"/api/conversations/{CONVERSATION}/name",
-        f"/api/messages/{MESSAGE}/feedbacks",
-        "/api/text-to-audio",
+        ("POST", f"/api/conversations/{CONVERSATION}/name"),
+        ("PUT", f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}"),
+        ("POST", f"/api/messages/{MESSAGE}/feedbacks"),
+        ("POST", "/api/text-to-audio"),
     ],
 )
-def test_a_json_route_refuses_a_body_that_is_not_json_with_415(client, auth, requests_mock, path):
-    response = client.post(path, data="rating=like", headers=auth)
+def test_a_json_route_refuses_a_body_that_is_not_json_with_415(
+    client, auth, requests_mock, method, path
+):
+    response = client.open(path, method=method, data="rating=like", headers=auth)
     assert response.status_code == 415
     assert requests_mock.call_count == 0
 
@@ -626,6 +720,8 @@ TRAVERSALS = [
     ("GET", "/api/messages/..%2F..%2Fparameters/suggested"),
     ("GET", "/api/messages/%2e%2e/suggested"),
     ("POST", "/api/messages/x%5C..%5C/feedbacks"),
+    ("GET", "/api/conversations/..%2F..%2Fparameters/variables"),
+    ("PUT", f"/api/conversations/{CONVERSATION}/variables/..%2F..%2F..%2Fparameters"),
     ("GET", "/api/conversations?last_id=..%2F..%2Fx"),
     ("GET", "/api/messages?conversation_id=%2e%2e%2F"),
 ]
@@ -730,7 +826,7 @@ def test_each_app_info_path_is_cached_on_its_own(client, auth, clock, requests_m
         requests_mock.get(f"{DIFY_URL}/{name}", json={"name": name})
     answers = [client.get(f"/api/{name}", headers=auth).json for name in APP_INFO * 2]
     assert answers == [{"name": name} for name in APP_INFO * 2]
-    assert requests_mock.call_count == 3
+    assert requests_mock.call_count == len(APP_INFO)
 
 
 def test_an_app_info_error_is_not_cached(client, auth, clock, requests_mock):
