@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from .answers import Answers
     from .auth import Verifier
     from .dify import Dify
+    from .owners import Owners
     from .quotas import Quotas
 
     settings = settings or load_settings()
@@ -50,10 +51,18 @@ def create_app(settings: Settings | None = None) -> Flask:
         daily_token_budget=settings.daily_token_budget,
         max_uploads=MAX_UPLOADS_PER_USER,
     )
+    spool_dir = settings.resume_spool_dir or tempfile.mkdtemp(prefix="dify-proxy-answers-")
     app.extensions["dify_proxy.answers"] = Answers(
-        settings.resume_spool_dir or tempfile.mkdtemp(prefix="dify-proxy-answers-"),
+        spool_dir,
         window=settings.resume_window,
         max_bytes=settings.resume_max_bytes,
+        redis_client=quotas.redis,
+        on_redis_error=quotas.redis_failed,
+        redis_usable=quotas.redis_usable,
+    )
+    app.extensions["dify_proxy.owners"] = Owners(
+        spool_dir,
+        default_ttl=settings.ownership_ttl,
         redis_client=quotas.redis,
         on_redis_error=quotas.redis_failed,
         redis_usable=quotas.redis_usable,

@@ -62,6 +62,7 @@ class Settings:
     resume_max_bytes: int = 4 * 1024 * 1024
     resume_grace: float = 20.0
     resume_spool_dir: str | None = None
+    ownership_ttl: float = 7 * 86400.0
 
     def __repr__(self) -> str:  # keeps the key and the secret out of any accidental log line
         return f"Settings(dify_api_url={self.dify_api_url!r}, supabase_url={self.supabase_url!r})"
@@ -244,6 +245,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         resume_max_bytes=_byte_count(env, "RESUME_MAX_BYTES", Settings.resume_max_bytes),
         resume_grace=_seconds(env, "RESUME_GRACE", Settings.resume_grace, zero_ok=True),
         resume_spool_dir=_text(env, "RESUME_SPOOL_DIR"),
+        ownership_ttl=_seconds(env, "OWNERSHIP_TTL", Settings.ownership_ttl),
     )
 
 

@@ -238,6 +238,16 @@ VARIABLES: tuple[Variable, ...] = (
         example="/tmp/dify-proxy-answers",
     ),
     Variable(
+        "OWNERSHIP_TTL",
+        RESUME,
+        "Seconds the proxy remembers whose a task id or workflow run id is (a form token: at"
+        " least until the form expires); after that only Dify's own user checks apply, and"
+        " stop, run detail and events answer 404.",
+        default="604800",
+        default_text="`604800` (7 days)",
+        example="604800",
+    ),
+    Variable(
         "APP_INFO_TTL",
         ROUTES,
         "Seconds each worker keeps Dify's `/parameters`, `/meta` and `/info` answers;"
