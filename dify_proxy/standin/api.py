@@ -1,14 +1,17 @@
-"""The rest of a chat app's Dify API: conversations, messages, feedback, suggestions, file and
-audio uploads, text-to-audio, and parameters/meta/info, answered from `Records` as Dify answers
-them. Uploads are read as they arrive (`read_upload`): fields kept, files only counted, so a
-1 GB upload costs what a 1 KB one does."""
+"""The rest of a chat app's Dify API: conversations and their variables, messages, feedback,
+suggestions, file and audio uploads, file preview, text-to-audio, and parameters/meta/info/site,
+answered from `Records` as Dify answers them. Uploads are read as they arrive (`read_upload`):
+fields kept, files counted and only their first KEEP_FILE_BYTES kept (for preview), so a 1 GB
+upload costs what a 1 MB one does."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import BodyPartReader, hdrs, web
 
@@ -18,6 +21,11 @@ from dify_proxy.standin.wire import DifyError, bad, json_response, not_found, us
 MAX_FILE = 64 * 1024 * 1024  # Dify's own limits are configurable; these are generous
 MAX_AUDIO = 30 * 1024 * 1024
 MAX_FIELD = 64 * 1024  # a non-file multipart field
+KEEP_FILE_BYTES = 1024 * 1024  # a larger upload's preview is a 404 (its bytes were not kept)
+PREVIEW_PIECE = 64 * 1024
+STREAMED_MEDIA = ("audio/", "video/")  # Dify announces Accept-Ranges for these
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 BLOCKED_EXTENSIONS = ("bat", "exe", "sh")
 SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
 FAKE_AUDIO = (b"ID3\x04\x00\x00\x00\x00\x00\x00", b"\xff\xf3\x44\xc4" * 512, b"\xff\xf3" * 256)
@@ -55,9 +63,27 @@ APP_INFO: dict[str, Any] = {
         "mode": "chat",
         "author_name": "dify-proxy",
     },
+    "site": {  # the keys real Dify 1.16.1 sends (../shared/dify-captures/capture-site.txt)
+        "title": "Dify stand-in",
+        "chat_color_theme": None,
+        "chat_color_theme_inverted": False,
+        "icon_type": "emoji",
+        "icon": "\U0001f916",
+        "icon_background": "#FFEAD5",
+        "description": None,
+        "copyright": None,
+        "privacy_policy": None,
+        "input_placeholder": None,
+        "custom_disclaimer": "",
+        "default_language": "en-US",
+        "show_workflow_steps": True,
+        "use_icon_as_answer_icon": False,
+        "icon_url": None,
+    },
 }
 UPLOAD_PATHS = ("/v1/files/upload", "/v1/audio-to-text")
 UPLOAD_ERROR = web.RequestKey("upload_error", DifyError)
+FILE_CONTENT = web.RequestKey("file_content", list)  # each file's bytes, or None if too large
 routes = web.RouteTableDef()
 
 
@@ -66,24 +92,27 @@ async def read_upload(request: web.Request, call: dict[str, Any]) -> None:
     among them) and each file's name, type and size. What is wrong with it is answered later,
     after the key check, as Dify does."""
     call["form"], call["files"] = {}, []
+    request[FILE_CONTENT] = []
     try:
         async for part in await request.multipart():
             if not isinstance(part, BodyPartReader):  # a nested multipart: not Dify's
                 await part.release()
                 continue
             size, value = 0, bytearray()
+            limit = MAX_FIELD if part.filename is None else KEEP_FILE_BYTES
             while chunk := await part.read_chunk(65536):
                 size += len(chunk)
-                if part.filename is None:
-                    if size > MAX_FIELD:
-                        raise DifyError(413, "request_entity_too_large", "field too large")
+                if size <= limit:
                     value += chunk
+                elif part.filename is None:
+                    raise DifyError(413, "request_entity_too_large", "field too large")
             if part.name is not None and part.filename is None:
                 call["form"][part.name] = value.decode("utf-8", "replace")
             elif part.name is not None:
                 kind = part.headers.get(hdrs.CONTENT_TYPE, "")
                 file = {"field": part.name, "filename": part.filename, "content_type": kind}
                 call["files"].append({**file, "size": size})
+                request[FILE_CONTENT].append(bytes(value) if size <= limit else None)
     except DifyError as e:
         request[UPLOAD_ERROR] = e
     except (ValueError, AssertionError, KeyError):  # aiohttp's ways of saying "malformed"
@@ -221,7 +250,45 @@ async def upload_file(request: web.Request) -> web.Response:
         "created_by": str(uuid.uuid5(uuid.NAMESPACE_URL, user)),
         "created_at": int(time.time()),
     }
+    content = request[FILE_CONTENT][request[CALL]["files"].index(file)]
+    request.app[RECORDS].keep_file({**answer, "_content": content})
     return json_response(answer, 201)
+
+
+@routes.get("/v1/files/{file_id}/preview")
+async def preview_file(request: web.Request) -> web.StreamResponse:
+    """As Dify: any file a message of this app carries, whoever asks (`user` is optional and
+    not compared), streamed with the upload's type and length; `as_attachment=true` makes it a
+    download, and HTML is always one."""
+    file_id = request.match_info["file_id"]
+    if not UUID.fullmatch(file_id):
+        raise DifyError(404, "not_found", "The requested URL was not found.")
+    as_attachment = request.query.get("as_attachment", "false").lower()
+    if as_attachment not in ("true", "false", "1", "0"):
+        raise bad("as_attachment must be a boolean")
+    records = request.app[RECORDS]
+    file = records.files.get(file_id)
+    if file is None or file_id not in records.files_in_messages or file["_content"] is None:
+        raise DifyError(404, "file_not_found", "File not found in message context")
+    content: bytes = file["_content"]
+    mime_type = file["mime_type"] or "application/octet-stream"
+    headers = {hdrs.CONTENT_TYPE: mime_type, hdrs.CACHE_CONTROL: "public, max-age=3600"}
+    if mime_type.startswith(STREAMED_MEDIA):
+        headers[hdrs.ACCEPT_RANGES] = "bytes"
+    html = mime_type in HTML_TYPES or file["extension"] in ("html", "htm")
+    if as_attachment in ("true", "1") or html:
+        headers[hdrs.CONTENT_DISPOSITION] = f"attachment; filename*=UTF-8''{quote(file['name'])}"
+        headers[hdrs.CONTENT_TYPE] = "application/octet-stream"
+    if html:
+        headers["X-Content-Type-Options"] = "nosniff"
+    response = web.StreamResponse(headers=headers)
+    response.content_length = len(content)
+    await response.prepare(request)
+    request[CALL]["status"] = 200
+    for start in range(0, len(content), PREVIEW_PIECE):
+        await response.write(content[start : start + PREVIEW_PIECE])
+    await response.write_eof()
+    return response
 
 
 @routes.post("/v1/audio-to-text")
@@ -257,6 +324,75 @@ async def text_to_audio(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@routes.get("/v1/{name:parameters|meta|info}")
+def variable_query(request: web.Request) -> tuple[str | None, str | None]:
+    last_id, name = request.query.get("last_id") or None, request.query.get("variable_name")
+    if last_id is not None and not UUID.fullmatch(last_id):
+        raise bad("last_id must be a UUID")
+    if name is not None and not re.fullmatch(r"[\w.-]{1,255}", name):
+        raise bad(
+            "Variable name can only contain letters, numbers, hyphens, underscores and periods"
+        )
+    return last_id, name
+
+
+def shown(variable: dict[str, Any]) -> dict[str, Any]:
+    """As Dify marshals a variable: its value as Python's `str` of it (`0`, `{}`, `True`)."""
+    return {**public(variable), "value": str(variable["value"])}
+
+
+@routes.get("/v1/conversations/{conversation_id}/variables")
+async def list_variables(request: web.Request) -> web.Response:
+    user, limit = user_of(request.query.get("user")), query_limit(request)
+    records, conversation_id = request.app[RECORDS], request.match_info["conversation_id"]
+    records.conversation(conversation_id, user)
+    last_id, name = variable_query(request)
+    variables = records.variables.get(conversation_id, [])
+    if last_id is not None:
+        ids = [v["id"] for v in variables]
+        if last_id not in ids:
+            raise not_found("Conversation Variable")
+        variables = variables[ids.index(last_id) + 1 :]
+    if name is not None:
+        variables = [v for v in variables if v["name"] == name]
+    page = [shown(v) for v in variables[:limit]]
+    return json_response({"limit": limit, "has_more": len(variables) > limit, "data": page})
+
+
+VALUE_TYPES = {
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def type_of(value: Any) -> str:
+    return next((t for t, fits in VALUE_TYPES.items() if fits(value)), "unknown")
+
+
+@routes.put("/v1/conversations/{conversation_id}/variables/{variable_id}")
+async def update_variable(request: web.Request) -> web.Response:
+    """Dify's order: the body, the conversation (under `user`), the variable, the value's type."""
+    req, records = json_body(request), request.app[RECORDS]
+    user = user_of(req.get("user"))
+    if "value" not in req:
+        raise bad("value is required")
+    conversation_id = request.match_info["conversation_id"]
+    records.conversation(conversation_id, user)
+    variable_id = request.match_info["variable_id"]
+    found = [v for v in records.variables.get(conversation_id, []) if v["id"] == variable_id]
+    if not found:
+        raise not_found("Conversation Variable")
+    variable, value = found[0], req["value"]
+    if not VALUE_TYPES[variable["value_type"]](value):
+        message = (
+            f"Type mismatch: variable '{variable['name']}' expects {variable['value_type']}, "
+            f"but got {type_of(value)} type"
+        )
+        raise DifyError(400, "bad_request", message)
+    variable.update(value=value, updated_at=int(time.time()))
+    return json_response(shown(variable))
+
+
+@routes.get("/v1/{name:parameters|meta|info|site}")
 async def app_info(request: web.Request) -> web.Response:
     return json_response(APP_INFO[request.match_info["name"]])

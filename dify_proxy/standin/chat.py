@@ -123,6 +123,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     records.runs[run.task_id] = run
     if scenario.status is None:
         records.remember_chat(run, inputs, query, scenario.preview(query))
+        records.attach_files(req.get("files"))
     try:
         await run.pause(scenario.header_delay)
         if scenario.status is not None:

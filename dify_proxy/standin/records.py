@@ -1,11 +1,13 @@
 """What the stand-in remembers: the call log the tests read (`GET /_standin/calls`), the chat
-runs that a stop can reach, and each user's conversations and messages, scoped per `user` as
-Dify scopes them (another user's conversation is a 404)."""
+runs that a stop can reach, each user's conversations (with their variables) and messages,
+scoped per `user` as Dify scopes them (another user's conversation is a 404), and the uploaded
+files, which, as in Dify, belong to the app and not to a user."""
 
 from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -16,6 +18,14 @@ if TYPE_CHECKING:
     from dify_proxy.standin.chat import ChatRun
 
 MAX_RECORDS = 10_000  # conversations and messages kept; the oldest go first (benchmarks)
+MAX_FILES = 256  # uploads kept, each with at most KEEP_FILE_BYTES of content (api.py)
+# The variables every conversation has, as if the app (a chatflow) declared them: each is
+# (name, value_type, default value, description).
+CONVERSATION_VARIABLES = (
+    ("city", "string", "", "Where the user is going."),
+    ("visits", "number", 0, "How often the user came back."),
+    ("preferences", "object", {}, "What the user likes."),
+)
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
@@ -29,6 +39,9 @@ class Records:
         self.runs: dict[str, ChatRun] = {}  # by task id, while they run
         self.conversations: dict[str, dict[str, Any]] = {}  # by id; each has its `_user`
         self.messages: dict[str, dict[str, Any]] = {}
+        self.variables: dict[str, list[dict[str, Any]]] = {}  # by conversation id
+        self.files: dict[str, dict[str, Any]] = {}  # uploads by id, with their `_content`
+        self.files_in_messages: set[str] = set()  # what Dify's file preview serves
         self.recordings: dict[str, str] = {}  # by name, for the replay_recording knob
         self._seq = itertools.count()  # orders records created within the same second
 
@@ -36,6 +49,9 @@ class Records:
         self.calls.clear()
         self.conversations.clear()
         self.messages.clear()
+        self.variables.clear()
+        self.files.clear()
+        self.files_in_messages.clear()
 
     def open_streams(self) -> int:
         return sum(r.streaming and r.record["stream_end"] is None for r in self.runs.values())
@@ -75,6 +91,19 @@ class Records:
             "_created": (now, seq),
         }
         conversation.update(updated_at=now, _updated=(now, seq))
+        if run.conversation_id not in self.conversations:
+            self.variables[run.conversation_id] = [
+                {
+                    "id": str(uuid.uuid4()),
+                    "name": name,
+                    "value_type": value_type,
+                    "value": value,
+                    "description": description,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for name, value_type, value, description in CONVERSATION_VARIABLES
+            ]
         self._keep(self.conversations, run.conversation_id, conversation)
         message = {
             "id": run.message_id,
@@ -110,18 +139,33 @@ class Records:
             raise not_found("Message")
         return found
 
+    def attach_files(self, files: Any) -> None:
+        """Dify's file preview serves only files some message of the app carries."""
+        for file in files if isinstance(files, list) else []:
+            if isinstance(file, dict) and file.get("upload_file_id") in self.files:
+                self.files_in_messages.add(file["upload_file_id"])
+
+    def keep_file(self, file: dict[str, Any]) -> None:
+        self.files[file["id"]] = file
+        while len(self.files) > MAX_FILES:
+            oldest = next(iter(self.files))
+            del self.files[oldest]
+            self.files_in_messages.discard(oldest)
+
     def forget_conversation(self, conversation_id: str) -> None:
         del self.conversations[conversation_id]
+        self.variables.pop(conversation_id, None)
         for message_id in [
             m["id"] for m in self.messages.values() if m["conversation_id"] == conversation_id
         ]:
             del self.messages[message_id]
 
-    @staticmethod
-    def _keep(store: dict[str, dict[str, Any]], key: str, record: dict[str, Any]) -> None:
+    def _keep(self, store: dict[str, dict[str, Any]], key: str, record: dict[str, Any]) -> None:
         store[key] = record
         while len(store) > MAX_RECORDS:
-            del store[next(iter(store))]
+            oldest = next(iter(store))
+            del store[oldest]
+            self.variables.pop(oldest, None)  # a conversation's variables go with it
 
 
 RECORDS = web.AppKey("records", Records)

@@ -165,3 +165,158 @@ def test_text_to_audio_answers_chunked_audio(base: str) -> None:
     assert response.headers["Content-Type"] == "audio/mpeg"
     assert response.headers["Transfer-Encoding"] == "chunked"
     assert response.content == b"".join(FAKE_AUDIO)
+
+
+# --- conversation variables -------------------------------------------------------------------
+
+
+def variables(base: str, conversation_id: str, user: str = "u-1", **params) -> requests.Response:
+    return requests.get(
+        f"{base}/conversations/{conversation_id}/variables",
+        headers=AUTH,
+        params={"user": user, **params},
+        timeout=5,
+    )
+
+
+def set_variable(base: str, conversation_id: str, variable_id: str, body: dict):
+    path = f"{base}/conversations/{conversation_id}/variables/{variable_id}"
+    return requests.put(path, headers=AUTH, json=body, timeout=5)
+
+
+def test_a_conversation_has_its_variables_with_values_as_dify_marshals_them(base: str) -> None:
+    answer = variables(base, chat(base, "u-1")["conversation_id"]).json()
+    assert (answer["limit"], answer["has_more"]) == (20, False)
+    assert [(v["name"], v["value_type"], v["value"]) for v in answer["data"]] == [
+        ("city", "string", ""),
+        ("visits", "number", "0"),
+        ("preferences", "object", "{}"),
+    ]
+
+
+def test_variables_page_by_last_id_and_limit_and_filter_by_name(base: str) -> None:
+    conversation_id = chat(base, "u-1")["conversation_id"]
+    first = variables(base, conversation_id, limit=1).json()
+    rest = variables(base, conversation_id, last_id=first["data"][0]["id"]).json()
+    named = variables(base, conversation_id, variable_name="visits").json()
+    assert (first["has_more"], [v["name"] for v in first["data"]]) == (True, ["city"])
+    assert [v["name"] for v in rest["data"]] == ["visits", "preferences"]
+    assert [v["name"] for v in named["data"]] == ["visits"]
+
+
+def test_another_users_conversation_variables_are_a_404(base: str) -> None:
+    conversation_id = chat(base, "u-1")["conversation_id"]
+    variable_id = variables(base, conversation_id).json()["data"][0]["id"]
+    listed = variables(base, conversation_id, user="u-2")
+    updated = set_variable(base, conversation_id, variable_id, {"value": "x", "user": "u-2"})
+    assert (listed.status_code, updated.status_code) == (404, 404)
+    assert updated.json()["message"] == "Conversation Not Exists."
+
+
+def test_a_variable_is_updated_and_a_value_of_another_type_is_a_400(base: str) -> None:
+    conversation_id = chat(base, "u-1")["conversation_id"]
+    city = variables(base, conversation_id).json()["data"][0]
+    updated = set_variable(base, conversation_id, city["id"], {"value": "Oslo", "user": "u-1"})
+    wrong = set_variable(base, conversation_id, city["id"], {"value": 3, "user": "u-1"})
+    assert (updated.status_code, updated.json()["value"]) == (200, "Oslo")
+    assert variables(base, conversation_id).json()["data"][0]["value"] == "Oslo"
+    assert (wrong.status_code, wrong.json()) == (
+        400,
+        {
+            "code": "bad_request",
+            "message": "Type mismatch: variable 'city' expects string, but got number type",
+            "status": 400,
+        },
+    )
+
+
+def test_an_unknown_variable_is_a_404(base: str) -> None:
+    conversation_id = chat(base, "u-1")["conversation_id"]
+    unknown = "0b6f5d2c-4e3a-4f1b-9c8d-7a6e5f4d3c2b"
+    response = set_variable(base, conversation_id, unknown, {"value": "x", "user": "u-1"})
+    assert (response.status_code, response.json()["message"]) == (
+        404,
+        "Conversation Variable Not Exists.",
+    )
+
+
+# --- file preview -----------------------------------------------------------------------------
+
+
+def upload(base: str, content: bytes, filename: str, kind: str, user: str = "u-1") -> str:
+    response = requests.post(
+        f"{base}/files/upload",
+        headers=AUTH,
+        data={"user": user},
+        files={"file": (filename, content, kind)},
+        timeout=5,
+    )
+    assert response.status_code == 201
+    return response.json()["id"]
+
+
+def chat_with_file(base: str, user: str, file_id: str) -> None:
+    file = {"type": "document", "transfer_method": "local_file", "upload_file_id": file_id}
+    body = {"query": "read", "inputs": {}, "user": user, "response_mode": "blocking"}
+    requests.post(f"{base}/chat-messages", headers=AUTH, json={**body, "files": [file]}, timeout=5)
+
+
+def preview(base: str, file_id: str, **params) -> requests.Response:
+    return requests.get(f"{base}/files/{file_id}/preview", headers=AUTH, params=params, timeout=5)
+
+
+def test_a_file_no_message_carries_is_not_previewed(base: str) -> None:
+    file_id = upload(base, b"hello", "notes.txt", "text/plain")
+    response = preview(base, file_id, user="u-1")
+    assert (response.status_code, response.json()["code"]) == (404, "file_not_found")
+
+
+def test_a_file_in_a_message_is_previewed_for_anyone_as_in_dify(base: str) -> None:
+    content = bytes(range(256)) * 1024
+    file_id = upload(base, content, "song.mp3", "audio/mpeg")
+    chat_with_file(base, "u-1", file_id)
+    response = preview(base, file_id, user="someone-else")
+    assert response.status_code == 200
+    assert response.content == content
+    assert response.headers["Content-Type"] == "audio/mpeg"
+    assert response.headers["Content-Length"] == str(len(content))
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert "Content-Disposition" not in response.headers
+
+
+def test_as_attachment_makes_the_preview_a_download(base: str) -> None:
+    file_id = upload(base, b"hello", "my notes.txt", "text/plain")
+    chat_with_file(base, "u-1", file_id)
+    response = preview(base, file_id, as_attachment="true")
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["Content-Disposition"] == "attachment; filename*=UTF-8''my%20notes.txt"
+
+
+def test_html_is_always_a_download(base: str) -> None:
+    file_id = upload(base, b"<script>1</script>", "page.html", "text/html")
+    chat_with_file(base, "u-1", file_id)
+    response = preview(base, file_id)
+    assert response.headers["Content-Disposition"].startswith("attachment")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_site_answers_with_the_keys_real_dify_sends(base: str) -> None:
+    """Dify 1.16.1's keys, from ../shared/dify-captures/capture-site.txt."""
+    site = requests.get(f"{base}/site", headers=AUTH, timeout=5).json()
+    assert set(site) == {
+        "title",
+        "chat_color_theme",
+        "chat_color_theme_inverted",
+        "icon_type",
+        "icon",
+        "icon_background",
+        "description",
+        "copyright",
+        "privacy_policy",
+        "input_placeholder",
+        "custom_disclaimer",
+        "default_language",
+        "show_workflow_steps",
+        "use_icon_as_answer_icon",
+        "icon_url",
+    }
