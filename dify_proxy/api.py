@@ -29,10 +29,12 @@ from .chat import MAX_MESSAGE_CHARS, STREAM_HEADERS
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import over_limit, per_user
+from .owners import Owners
 from .quotas import Quotas
 from .validation import (
     bad_request,
     optional_text,
+    query_flag,
     query_limit,
     query_sort_by,
     query_uuid,
@@ -52,11 +54,25 @@ MAX_FEEDBACK_CHARS = 2_000
 MAX_VOICE_CHARS = 100
 MAX_FILENAME_CHARS = 255
 READ_SIZE = 64 * 1024
+# What a preview passes on of Dify's head, besides its type: how long it is, whether it is a
+# download (always, for HTML), and what Dify says of caching and ranges.
+PREVIEW_HEADERS = (
+    "Content-Length",
+    "Content-Disposition",
+    "Content-Encoding",
+    "X-Content-Type-Options",
+    "Accept-Ranges",
+    "Cache-Control",
+)
 MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*", re.ASCII)
 
 
 def dify() -> Dify:
     return current_app.extensions["dify_proxy.dify"]
+
+
+def owners() -> Owners:
+    return current_app.extensions["dify_proxy.owners"]
 
 
 def json_answer(upstream: requests.Response) -> Response:
@@ -321,7 +337,47 @@ def forward_upload(path: str) -> Response:
 @require_session
 @per_user()
 def upload_file() -> Response:
-    return forward_upload("/files/upload")
+    """The file's id is bound to the uploader: Dify's preview serves any file of the app to
+    whoever names it, so the proxy's own binding is what keeps a file its uploader's."""
+    response = forward_upload("/files/upload")
+    if response.status_code in (200, 201):
+        answer = json.loads(response.get_data())
+        file_id = answer.get("id") if isinstance(answer, dict) else None
+        if isinstance(file_id, str):
+            owners().bind("file", file_id, g.user_id)
+    return response
+
+
+@bp.get("/files/<file_id>/preview")
+@require_session
+def preview_file(file_id: str) -> Response:
+    """The file's bytes as Dify streams them, for its uploader only: any other id, unknown or
+    someone else's, gets the same 404 and Dify is not called."""
+    file_id = validate_uuid(file_id, "file_id")
+    as_attachment = query_flag("as_attachment")
+    if owners().owned("file", file_id, g.user_id) is None:
+        raise ApiError(404, "file_not_found", "File not found.")
+    params = user_params(
+        as_attachment=None if as_attachment is None else str(as_attachment).lower()
+    )
+    upstream = dify().call(
+        "GET",
+        f"/files/{file_id}/preview",
+        params=params,
+        headers={"Accept-Encoding": "identity"},  # the bytes go out as they are read
+        stream=True,
+    )
+    headers = {name: upstream.headers[name] for name in PREVIEW_HEADERS if name in upstream.headers}
+    if "Cache-Control" in headers:
+        # Dify says `public`; behind a session the file is this user's alone, so no shared
+        # cache may keep it.
+        headers["Cache-Control"] = re.sub(r"\bpublic\b", "private", headers["Cache-Control"])
+    return Response(
+        relay_bytes(upstream),
+        status=upstream.status_code,
+        content_type=upstream.headers.get("Content-Type", "application/octet-stream"),
+        headers=headers,
+    )
 
 
 @bp.post("/audio-to-text")

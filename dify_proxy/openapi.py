@@ -14,7 +14,7 @@ from flask import Blueprint, Response, jsonify
 
 from .api import APP_INFO, MAX_FEEDBACK_CHARS, MAX_NAME_CHARS, MAX_VOICE_CHARS, RATINGS
 from .chat import MAX_MESSAGE_CHARS, RESPONSE_MODES
-from .validation import MAX_LIMIT, MIN_LIMIT, SORT_ORDERS, VARIABLE_NAME
+from .validation import FLAGS, MAX_LIMIT, MIN_LIMIT, SORT_ORDERS, VARIABLE_NAME
 
 bp = Blueprint("openapi", __name__)
 
@@ -297,10 +297,21 @@ DOCUMENT: dict[str, Any] = {
         },
         "/api/files/upload": {
             "post": _operation(
-                "Upload a file for a later question.",
+                "Upload a file for a later question (its id is then this user's to preview).",
                 _json_answer("The stored file.", "201"),
                 body=_file_body(),
                 errors=CLIENT_ERRORS + JSON_BODY_ERRORS + UPSTREAM_ERRORS,
+            )
+        },
+        "/api/files/{file_id}/preview": {
+            "get": _operation(
+                "A file this user uploaded, streamed as Dify serves it (its type, length and "
+                "Content-Disposition). Any other file id is a 404 that never reaches Dify.",
+                {"200": {"description": "The file's bytes.", "content": {"*/*": {}}}},
+                parameters=[
+                    _path_id("file_id"),
+                    _query("as_attachment", {"anyOf": [{"enum": list(FLAGS)}, EMPTY]}),
+                ],
             )
         },
         "/api/audio-to-text": {

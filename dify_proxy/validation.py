@@ -19,6 +19,7 @@ from .errors import ApiError
 
 MIN_LIMIT, MAX_LIMIT = 1, 100
 SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
+FLAGS = {"true": True, "false": False}
 # Dify's filter for conversation variables: 1-255 letters, digits, `_`, `-` and `.`.
 VARIABLE_NAME = r"[A-Za-z0-9_.\-]{1,255}"
 
@@ -96,6 +97,15 @@ def query_sort_by() -> str | None:
     if value not in SORT_ORDERS:
         raise bad_request(f"sort_by must be one of {', '.join(SORT_ORDERS)}.")
     return value
+
+
+def query_flag(name: str) -> bool | None:
+    value = request.args.get(name)
+    if value in (None, ""):
+        return None
+    if value not in FLAGS:
+        raise bad_request(f"{name} must be true or false.")
+    return FLAGS[value]
 
 
 def query_variable_name() -> str | None:

@@ -745,6 +745,131 @@ def test_the_dify_client_refuses_an_unsafe_path(settings, requests_mock, path):
     assert requests_mock.call_count == 0
 
 
+# --- file preview: only the uploader's files --------------------------------------------------
+
+FILE = UPLOADED["id"]
+PREVIEW = f"/api/files/{FILE}/preview"
+BOB = "5a1d3c2e-8f7b-4c6d-9e0a-1b2c3d4e5f60"
+PDF = b"%PDF-1.7\n" + bytes(range(256)) * 256
+
+
+def owners(app):
+    return app.extensions["dify_proxy.owners"]
+
+
+@pytest.fixture
+def difys_file(requests_mock):
+    """Dify's preview of FILE, with the head Dify sends for a PDF."""
+    return requests_mock.get(
+        f"{DIFY_URL}/files/{FILE}/preview",
+        content=PDF,
+        headers={
+            "Content-Type": "application/pdf",
+            "Content-Length": str(len(PDF)),
+            "Cache-Control": "public, max-age=3600",
+        },
+    )
+
+
+def test_an_upload_binds_the_files_id_to_the_uploader(app, client, auth, dify):
+    client.post("/api/files/upload", data=upload_data(), headers=auth)
+    assert owners(app).owner_of("file", FILE) == USER
+
+
+def test_an_upload_dify_refuses_binds_nothing(app, client, auth, requests_mock):
+    error = {"code": "unsupported_file_type", "message": "File type not allowed.", "status": 415}
+    requests_mock.post(f"{DIFY_URL}/files/upload", status_code=415, json=error)
+    client.post("/api/files/upload", data=upload_data(), headers=auth)
+    assert owners(app).owner_of("file", FILE) is None
+
+
+def test_an_uploaded_file_is_previewed_as_dify_streams_it(client, auth, dify, difys_file):
+    client.post("/api/files/upload", data=upload_data(), headers=auth)
+    response = client.get(PREVIEW, headers=auth)
+    assert response.status_code == 200
+    assert response.is_streamed
+    assert response.get_data() == PDF
+    assert response.headers["Content-Type"] == "application/pdf"
+    assert response.headers["Content-Length"] == str(len(PDF))
+    assert parse_qs(urlsplit(difys_file.last_request.url).query) == {"user": [USER]}
+    assert difys_file.last_request.headers["Accept-Encoding"] == "identity"
+
+
+def test_a_previews_download_headers_pass_through(app, client, auth, requests_mock):
+    owners(app).bind("file", FILE, USER)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": "attachment; filename*=UTF-8''page.html",
+        "X-Content-Type-Options": "nosniff",
+        "Accept-Ranges": "bytes",
+        "X-Version": "1.16.1",
+    }
+    requests_mock.get(f"{DIFY_URL}/files/{FILE}/preview", content=b"<p>", headers=headers)
+    response = client.get(PREVIEW, headers=auth)
+    assert {k: response.headers.get(k) for k in headers} == {**headers, "X-Version": None}
+
+
+def test_a_preview_may_be_cached_by_the_browser_but_by_no_shared_cache(
+    app, client, auth, difys_file
+):
+    owners(app).bind("file", FILE, USER)
+    assert client.get(PREVIEW, headers=auth).headers["Cache-Control"] == "private, max-age=3600"
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_as_attachment_is_forwarded(app, client, auth, difys_file, value):
+    owners(app).bind("file", FILE, USER)
+    client.get(f"{PREVIEW}?as_attachment={value}", headers=auth)
+    query = parse_qs(urlsplit(difys_file.last_request.url).query)
+    assert query == {"as_attachment": [value], "user": [USER]}
+
+
+@pytest.mark.parametrize("value", ["yes", "1", "TRUE", "on"])
+def test_an_as_attachment_other_than_true_or_false_is_a_400(app, client, auth, difys_file, value):
+    owners(app).bind("file", FILE, USER)
+    response = client.get(f"{PREVIEW}?as_attachment={value}", headers=auth)
+    assert (response.status_code, response.json["code"]) == (400, "invalid_param")
+    assert "as_attachment" in response.json["message"]
+    assert difys_file.call_count == 0
+
+
+def test_another_users_file_is_a_404_like_an_unknown_one_and_never_reaches_dify(
+    app, client, auth, difys_file
+):
+    owners(app).bind("file", FILE, BOB)
+    someone_elses = client.get(PREVIEW, headers=auth)
+    unknown = client.get("/api/files/0b6f5d2c-4e3a-4f1b-9c8d-7a6e5f4d3c2b/preview", headers=auth)
+    assert someone_elses.status_code == unknown.status_code == 404
+    assert someone_elses.get_data() == unknown.get_data()
+    assert difys_file.call_count == 0
+
+
+def test_a_preview_needs_a_session(app, client, difys_file):
+    owners(app).bind("file", FILE, USER)
+    assert client.get(PREVIEW).status_code == 401
+    assert difys_file.call_count == 0
+
+
+def test_a_file_id_that_is_not_a_uuid_is_a_400(client, auth, requests_mock):
+    response = client.get("/api/files/..%2F..%2Fparameters/preview", headers=auth)
+    assert response.status_code in (400, 404)
+    response = client.get("/api/files/nope/preview", headers=auth)
+    assert (response.status_code, response.json["code"]) == (400, "invalid_param")
+    assert requests_mock.call_count == 0
+
+
+def test_difys_404_for_a_file_no_message_carries_passes_through(app, client, auth, requests_mock):
+    owners(app).bind("file", FILE, USER)
+    error = {
+        "code": "file_not_found",
+        "message": "File not found in message context",
+        "status": 404,
+    }
+    requests_mock.get(f"{DIFY_URL}/files/{FILE}/preview", status_code=404, json=error)
+    response = client.get(PREVIEW, headers=auth)
+    assert (response.status_code, response.json) == (404, error)
+
+
 # --- uploads over the limit -------------------------------------------------------------------
 
 

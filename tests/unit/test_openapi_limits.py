@@ -12,6 +12,7 @@ import pytest
 from requests_mock import ANY
 
 from tests.conftest import DIFY_URL
+from tests.support import tokens
 
 CONVERSATION = "3f8e5c1a-9b2d-4e6f-8a7b-1c2d3e4f5a6b"
 MESSAGE = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
@@ -174,3 +175,19 @@ def test_a_variable_name_is_accepted_exactly_when_the_documented_pattern_matches
     assert accepted(client, auth, dify, "GET", VARIABLES, query_string=query) == bool(
         re.search(pattern, name)
     )
+
+
+def test_every_documented_as_attachment_value_is_accepted_and_no_other(
+    app, client, auth, dify, document
+):
+    file_id = "72fa9618-8f89-4a37-9b33-7e1178a24a67"
+    app.extensions["dify_proxy.owners"].bind("file", file_id, tokens.USER_ID)
+    path = f"/api/files/{file_id}/preview"
+    values = [
+        v
+        for branch in query_schema(document, path, "as_attachment")["anyOf"]
+        for v in branch.get("enum", [branch.get("const")])
+    ]
+    for value in values:
+        assert accepted(client, auth, dify, "GET", path, query_string={"as_attachment": value})
+    assert not accepted(client, auth, dify, "GET", path, query_string={"as_attachment": "yes"})
