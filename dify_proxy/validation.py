@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from . import jsontext
@@ -128,3 +128,22 @@ def optional_text(body: dict[str, Any], name: str, max_chars: int) -> str | None
     if len(value) > max_chars:
         raise bad_request(f"{name} must be at most {max_chars:,} characters.")
     return value
+
+
+def own_uploads(files: list[Any], inputs: dict[str, Any], user: str) -> None:
+    """Every uploaded file a question names (in `files`, or as a file input in `inputs`) must
+    be one this user uploaded through the proxy: Dify takes any upload of the app, whoever
+    made it, so without this check one user could have the model read another's file. An
+    unknown id and someone else's get the same 400, before Dify is called."""
+    candidates = list(files)
+    for value in inputs.values():  # a file input is a file object or a list of them
+        candidates += value if isinstance(value, list) else [value]
+    owners = current_app.extensions["dify_proxy.owners"]
+    for file in candidates:
+        if not isinstance(file, dict) or file.get("transfer_method") != "local_file":
+            continue
+        file_id = file.get("upload_file_id")
+        if not isinstance(file_id, str) or owners.owned("file", file_id, user) is None:
+            raise bad_request(
+                "upload_file_id must be the id of a file you uploaded with /api/files/upload."
+            )

@@ -411,6 +411,16 @@ def test_another_users_file_and_an_unknown_id_get_the_same_404(alice, bob):
     assert (someone_elses.status_code, someone_elses.content) == (404, unknown.content)
 
 
+def test_a_question_naming_another_users_upload_never_reaches_dify(alice, bob, standin):
+    file_id = alice.upload(b"alice's").json()["id"]
+    file = {"type": "document", "transfer_method": "local_file", "upload_file_id": file_id}
+    response = bob.request(
+        "POST", "/api/chat", json={"message": "read", "files": [file], "response_mode": "blocking"}
+    )
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_param")
+    assert standin.chats() == []
+
+
 def test_a_file_no_message_carries_yet_is_difys_404(alice, standin):
     file_id = alice.upload(b"not shared yet").json()["id"]
     response = alice.request("GET", f"/api/files/{file_id}/preview")

@@ -870,6 +870,74 @@ def test_difys_404_for_a_file_no_message_carries_passes_through(app, client, aut
     assert (response.status_code, response.json) == (404, error)
 
 
+# --- a question names only the asker's uploads -------------------------------------------------
+
+
+def local_file(file_id: str) -> dict[str, str]:
+    return {"type": "document", "transfer_method": "local_file", "upload_file_id": file_id}
+
+
+@pytest.fixture
+def dify_chat(requests_mock):
+    return requests_mock.post(f"{DIFY_URL}/chat-messages", json={"event": "message", "answer": ""})
+
+
+def ask(client, auth, **body):
+    return client.post(
+        "/api/chat", json={"message": "read", "response_mode": "blocking", **body}, headers=auth
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"files": [local_file(FILE)]},
+        {"inputs": {"report": local_file(FILE)}},
+        {"inputs": {"reports": [local_file(FILE)]}},
+    ],
+    ids=["files", "file input", "file list input"],
+)
+def test_a_question_may_name_the_askers_own_upload(app, client, auth, dify_chat, body):
+    owners(app).bind("file", FILE, USER)
+    assert ask(client, auth, **body).status_code == 200
+    sent = dify_chat.last_request.json()
+    assert {k: sent[k] for k in body} == body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"files": [local_file(FILE)]},
+        {"inputs": {"report": local_file(FILE)}},
+        {"inputs": {"reports": [local_file(MESSAGE), local_file(FILE)]}},
+    ],
+    ids=["files", "file input", "file list input"],
+)
+def test_a_question_naming_another_users_upload_is_a_400_and_never_reaches_dify(
+    app, client, auth, dify_chat, body
+):
+    """Dify would take it (it checks only that the file is the app's) and let the model read
+    another user's file."""
+    owners(app).bind("file", FILE, BOB)
+    owners(app).bind("file", MESSAGE, USER)
+    response = ask(client, auth, **body)
+    assert (response.status_code, response.json["code"]) == (400, "invalid_param")
+    assert "upload_file_id" in response.json["message"]
+    assert dify_chat.call_count == 0
+
+
+def test_another_users_upload_and_an_unknown_one_get_the_same_400(app, client, auth, dify_chat):
+    owners(app).bind("file", FILE, BOB)
+    someone_elses = ask(client, auth, files=[local_file(FILE)])
+    unknown = ask(client, auth, files=[local_file(VARIABLE)])
+    assert someone_elses.get_data() == unknown.get_data()
+
+
+def test_files_given_by_url_need_no_upload(client, auth, dify_chat):
+    remote = {"type": "image", "transfer_method": "remote_url", "url": "https://x.test/a.png"}
+    assert ask(client, auth, files=[remote]).status_code == 200
+
+
 # --- uploads over the limit -------------------------------------------------------------------
 
 
