@@ -1,89 +1,33 @@
-"""The rest of a chat app's Dify API: conversations and their variables, messages, feedback,
-suggestions, file and audio uploads, file preview, text-to-audio, and parameters/meta/info/site,
-answered from `Records` as Dify answers them. Uploads are read as they arrive (`read_upload`):
-fields kept, files counted and only their first KEEP_FILE_BYTES kept (for preview), so a 1 GB
-upload costs what a 1 MB one does."""
+"""The rest of a chat app's Dify API: conversations, messages, feedback, suggestions, file and
+audio uploads, file preview, text-to-audio, and parameters/meta/info/site, answered from
+`Records` as Dify answers them. Uploads are read as they arrive (`read_upload`): fields kept,
+and a file's bytes kept for its preview only up to KEEP_FILE (a bigger one is only counted, so
+a 1 GB upload costs what a 1 KB one does, and its preview is a 404)."""
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
+import urllib.parse
 import uuid
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import BodyPartReader, hdrs, web
 
+from dify_proxy.standin import apps
 from dify_proxy.standin.records import CALL, RECORDS, json_body, public
 from dify_proxy.standin.wire import DifyError, bad, json_response, not_found, user_of
 
 MAX_FILE = 64 * 1024 * 1024  # Dify's own limits are configurable; these are generous
 MAX_AUDIO = 30 * 1024 * 1024
 MAX_FIELD = 64 * 1024  # a non-file multipart field
-KEEP_FILE_BYTES = 1024 * 1024  # a larger upload's preview is a 404 (its bytes were not kept)
-PREVIEW_PIECE = 64 * 1024
-STREAMED_MEDIA = ("audio/", "video/")  # Dify announces Accept-Ranges for these
-HTML_TYPES = ("text/html", "application/xhtml+xml")
-UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+KEEP_FILE = 16 * 1024 * 1024  # bytes of an upload kept for `GET /files/{id}/preview`
 BLOCKED_EXTENSIONS = ("bat", "exe", "sh")
 SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
 FAKE_AUDIO = (b"ID3\x04\x00\x00\x00\x00\x00\x00", b"\xff\xf3\x44\xc4" * 512, b"\xff\xf3" * 256)
-APP_INFO: dict[str, Any] = {
-    "parameters": {
-        "opening_statement": "Hello from the local Dify stand-in.",
-        "suggested_questions": ["What can you do?"],
-        "suggested_questions_after_answer": {"enabled": True},
-        "speech_to_text": {"enabled": True},
-        "text_to_speech": {"enabled": True, "voice": "alloy", "language": "en-US"},
-        "retriever_resource": {"enabled": False},
-        "annotation_reply": {"enabled": False},
-        "more_like_this": {"enabled": False},
-        "sensitive_word_avoidance": {"enabled": False},
-        "user_input_form": [],
-        "file_upload": {
-            "image": {
-                "enabled": True,
-                "number_limits": 3,
-                "transfer_methods": ["remote_url", "local_file"],
-            }
-        },
-        "system_parameters": {
-            "file_size_limit": MAX_FILE // 2**20,
-            "image_file_size_limit": 10,
-            "audio_file_size_limit": MAX_AUDIO // 2**20,
-            "video_file_size_limit": 100,
-        },
-    },
-    "meta": {"tool_icons": {}},
-    "info": {
-        "name": "Dify stand-in",
-        "description": "A local stand-in for a Dify chat app.",
-        "tags": [],
-        "mode": "chat",
-        "author_name": "dify-proxy",
-    },
-    "site": {  # the keys real Dify 1.16.1 sends (../shared/dify-captures/capture-site.txt)
-        "title": "Dify stand-in",
-        "chat_color_theme": None,
-        "chat_color_theme_inverted": False,
-        "icon_type": "emoji",
-        "icon": "\U0001f916",
-        "icon_background": "#FFEAD5",
-        "description": None,
-        "copyright": None,
-        "privacy_policy": None,
-        "input_placeholder": None,
-        "custom_disclaimer": "",
-        "default_language": "en-US",
-        "show_workflow_steps": True,
-        "use_icon_as_answer_icon": False,
-        "icon_url": None,
-    },
-}
 UPLOAD_PATHS = ("/v1/files/upload", "/v1/audio-to-text")
 UPLOAD_ERROR = web.RequestKey("upload_error", DifyError)
-FILE_CONTENT = web.RequestKey("file_content", list)  # each file's bytes, or None if too large
+UPLOADED = web.RequestKey("uploaded", list)  # each file part's bytes (None past KEEP_FILE)
 routes = web.RouteTableDef()
 
 
@@ -92,27 +36,26 @@ async def read_upload(request: web.Request, call: dict[str, Any]) -> None:
     among them) and each file's name, type and size. What is wrong with it is answered later,
     after the key check, as Dify does."""
     call["form"], call["files"] = {}, []
-    request[FILE_CONTENT] = []
+    request[UPLOADED] = []
     try:
         async for part in await request.multipart():
             if not isinstance(part, BodyPartReader):  # a nested multipart: not Dify's
                 await part.release()
                 continue
             size, value = 0, bytearray()
-            limit = MAX_FIELD if part.filename is None else KEEP_FILE_BYTES
             while chunk := await part.read_chunk(65536):
                 size += len(chunk)
-                if size <= limit:
-                    value += chunk
-                elif part.filename is None:
+                if part.filename is None and size > MAX_FIELD:
                     raise DifyError(413, "request_entity_too_large", "field too large")
+                if size <= (MAX_FIELD if part.filename is None else KEEP_FILE):
+                    value += chunk
             if part.name is not None and part.filename is None:
                 call["form"][part.name] = value.decode("utf-8", "replace")
             elif part.name is not None:
                 kind = part.headers.get(hdrs.CONTENT_TYPE, "")
                 file = {"field": part.name, "filename": part.filename, "content_type": kind}
                 call["files"].append({**file, "size": size})
-                request[FILE_CONTENT].append(bytes(value) if size <= limit else None)
+                request[UPLOADED].append(bytes(value) if size <= KEEP_FILE else None)
     except DifyError as e:
         request[UPLOAD_ERROR] = e
     except (ValueError, AssertionError, KeyError):  # aiohttp's ways of saying "malformed"
@@ -149,6 +92,7 @@ def query_limit(request: web.Request) -> int:
 
 @routes.get("/v1/conversations")
 async def list_conversations(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     user, limit = user_of(request.query.get("user")), query_limit(request)
     sort_by = request.query.get("sort_by") or "-updated_at"
     if sort_by not in SORT_ORDERS:
@@ -170,6 +114,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 
 @routes.post("/v1/conversations/{conversation_id}/name")
 async def rename_conversation(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     records, req = request.app[RECORDS], json_body(request)
     conversation = records.conversation(
         request.match_info["conversation_id"], user_of(req.get("user"))
@@ -187,6 +132,7 @@ async def rename_conversation(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/conversations/{conversation_id}")
 async def delete_conversation(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     records, conversation_id = request.app[RECORDS], request.match_info["conversation_id"]
     records.conversation(conversation_id, user_of(json_body(request).get("user")))
     records.forget_conversation(conversation_id)
@@ -195,6 +141,7 @@ async def delete_conversation(request: web.Request) -> web.Response:
 
 @routes.get("/v1/messages")
 async def list_messages(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     user, limit = user_of(request.query.get("user")), query_limit(request)
     records, conversation_id = request.app[RECORDS], request.query.get("conversation_id")
     if not conversation_id:
@@ -225,6 +172,7 @@ async def feedback(request: web.Request) -> web.Response:
 
 @routes.get("/v1/messages/{message_id}/suggested")
 async def suggested(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     user = user_of(request.query.get("user"))
     topic = request.app[RECORDS].message(request.match_info["message_id"], user)["query"][:30]
     questions = [f"Tell me more about {topic}?", "Can you give an example?", "What else?"]
@@ -250,44 +198,24 @@ async def upload_file(request: web.Request) -> web.Response:
         "created_by": str(uuid.uuid5(uuid.NAMESPACE_URL, user)),
         "created_at": int(time.time()),
     }
-    content = request[FILE_CONTENT][request[CALL]["files"].index(file)]
-    request.app[RECORDS].keep_file({**answer, "_content": content})
+    data = request[UPLOADED][request[CALL]["files"].index(file)]
+    request.app[RECORDS].files[answer["id"]] = {**answer, "_data": data}
     return json_response(answer, 201)
 
 
 @routes.get("/v1/files/{file_id}/preview")
-async def preview_file(request: web.Request) -> web.StreamResponse:
-    """As Dify: any file a message of this app carries, whoever asks (`user` is optional and
-    not compared), streamed with the upload's type and length; `as_attachment=true` makes it a
-    download, and HTML is always one."""
-    file_id = request.match_info["file_id"]
-    if not UUID.fullmatch(file_id):
-        raise DifyError(404, "not_found", "The requested URL was not found.")
-    as_attachment = request.query.get("as_attachment", "false").lower()
-    if as_attachment not in ("true", "false", "1", "0"):
-        raise bad("as_attachment must be a boolean")
-    records = request.app[RECORDS]
-    file = records.files.get(file_id)
-    if file is None or file_id not in records.files_in_messages or file["_content"] is None:
-        raise DifyError(404, "file_not_found", "File not found in message context")
-    content: bytes = file["_content"]
-    mime_type = file["mime_type"] or "application/octet-stream"
-    headers = {hdrs.CONTENT_TYPE: mime_type, hdrs.CACHE_CONTROL: "public, max-age=3600"}
-    if mime_type.startswith(STREAMED_MEDIA):
-        headers[hdrs.ACCEPT_RANGES] = "bytes"
-    html = mime_type in HTML_TYPES or file["extension"] in ("html", "htm")
-    if as_attachment in ("true", "1") or html:
-        headers[hdrs.CONTENT_DISPOSITION] = f"attachment; filename*=UTF-8''{quote(file['name'])}"
-        headers[hdrs.CONTENT_TYPE] = "application/octet-stream"
-    if html:
-        headers["X-Content-Type-Options"] = "nosniff"
-    response = web.StreamResponse(headers=headers)
-    response.content_length = len(content)
-    await response.prepare(request)
-    request[CALL]["status"] = 200
-    for start in range(0, len(content), PREVIEW_PIECE):
-        await response.write(content[start : start + PREVIEW_PIECE])
-    await response.write_eof()
+async def preview_file(request: web.Request) -> web.Response:
+    """The uploaded bytes under their content type. Like Dify, no end-user check: the file id
+    and the app's key are all it takes (the proxy must scope it to its uploader)."""
+    file = request.app[RECORDS].files.get(request.match_info["file_id"])
+    if file is None or file["_data"] is None:
+        raise DifyError(404, "file_not_found", "The requested file was not found.")
+    response = web.Response(body=file["_data"])
+    response.headers[hdrs.CONTENT_TYPE] = file["mime_type"] or "application/octet-stream"
+    response.headers[hdrs.CACHE_CONTROL] = "public, max-age=3600"
+    if request.query.get("as_attachment", "").lower() == "true":
+        quoted = urllib.parse.quote(file["name"])
+        response.headers[hdrs.CONTENT_DISPOSITION] = f"attachment; filename*=UTF-8''{quoted}"
     return response
 
 
@@ -324,75 +252,11 @@ async def text_to_audio(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def variable_query(request: web.Request) -> tuple[str | None, str | None]:
-    last_id, name = request.query.get("last_id") or None, request.query.get("variable_name")
-    if last_id is not None and not UUID.fullmatch(last_id):
-        raise bad("last_id must be a UUID")
-    if name is not None and not re.fullmatch(r"[\w.-]{1,255}", name):
-        raise bad(
-            "Variable name can only contain letters, numbers, hyphens, underscores and periods"
-        )
-    return last_id, name
-
-
-def shown(variable: dict[str, Any]) -> dict[str, Any]:
-    """As Dify marshals a variable: its value as Python's `str` of it (`0`, `{}`, `True`)."""
-    return {**public(variable), "value": str(variable["value"])}
-
-
-@routes.get("/v1/conversations/{conversation_id}/variables")
-async def list_variables(request: web.Request) -> web.Response:
-    user, limit = user_of(request.query.get("user")), query_limit(request)
-    records, conversation_id = request.app[RECORDS], request.match_info["conversation_id"]
-    records.conversation(conversation_id, user)
-    last_id, name = variable_query(request)
-    variables = records.variables.get(conversation_id, [])
-    if last_id is not None:
-        ids = [v["id"] for v in variables]
-        if last_id not in ids:
-            raise not_found("Conversation Variable")
-        variables = variables[ids.index(last_id) + 1 :]
-    if name is not None:
-        variables = [v for v in variables if v["name"] == name]
-    page = [shown(v) for v in variables[:limit]]
-    return json_response({"limit": limit, "has_more": len(variables) > limit, "data": page})
-
-
-VALUE_TYPES = {
-    "string": lambda v: isinstance(v, str),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "object": lambda v: isinstance(v, dict),
-}
-
-
-def type_of(value: Any) -> str:
-    return next((t for t, fits in VALUE_TYPES.items() if fits(value)), "unknown")
-
-
-@routes.put("/v1/conversations/{conversation_id}/variables/{variable_id}")
-async def update_variable(request: web.Request) -> web.Response:
-    """Dify's order: the body, the conversation (under `user`), the variable, the value's type."""
-    req, records = json_body(request), request.app[RECORDS]
-    user = user_of(req.get("user"))
-    if "value" not in req:
-        raise bad("value is required")
-    conversation_id = request.match_info["conversation_id"]
-    records.conversation(conversation_id, user)
-    variable_id = request.match_info["variable_id"]
-    found = [v for v in records.variables.get(conversation_id, []) if v["id"] == variable_id]
-    if not found:
-        raise not_found("Conversation Variable")
-    variable, value = found[0], req["value"]
-    if not VALUE_TYPES[variable["value_type"]](value):
-        message = (
-            f"Type mismatch: variable '{variable['name']}' expects {variable['value_type']}, "
-            f"but got {type_of(value)} type"
-        )
-        raise DifyError(400, "bad_request", message)
-    variable.update(value=value, updated_at=int(time.time()))
-    return json_response(shown(variable))
-
-
 @routes.get("/v1/{name:parameters|meta|info|site}")
 async def app_info(request: web.Request) -> web.Response:
-    return json_response(APP_INFO[request.match_info["name"]])
+    """The settings a front end reads at start, for the app the key opened (apps.py)."""
+    name, mode = request.match_info["name"], request[apps.MODE]
+    if name == "meta":
+        return json_response({"tool_icons": {}})
+    describe = {"parameters": apps.parameters, "info": apps.info, "site": apps.site}[name]
+    return json_response(describe(mode))

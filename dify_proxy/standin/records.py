@@ -1,13 +1,13 @@
-"""What the stand-in remembers: the call log the tests read (`GET /_standin/calls`), the chat
-runs that a stop can reach, each user's conversations (with their variables) and messages,
-scoped per `user` as Dify scopes them (another user's conversation is a 404), and the uploaded
-files, which, as in Dify, belong to the app and not to a user."""
+"""What the stand-in remembers: the call log the tests read (`GET /_standin/calls`), the runs
+that a stop can reach, the workflow runs that run detail, events and forms reach (by run id,
+task id and form token), uploaded files, and each user's conversations, messages and
+conversation variables, scoped per `user` as Dify scopes them (another user's conversation is
+a 404)."""
 
 from __future__ import annotations
 
 import itertools
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -15,17 +15,10 @@ from aiohttp import web
 from dify_proxy.standin.wire import bad, not_found
 
 if TYPE_CHECKING:
-    from dify_proxy.standin.chat import ChatRun
+    from dify_proxy.standin.events import Run
+    from dify_proxy.standin.human_input import Form
 
 MAX_RECORDS = 10_000  # conversations and messages kept; the oldest go first (benchmarks)
-MAX_FILES = 256  # uploads kept, each with at most KEEP_FILE_BYTES of content (api.py)
-# The variables every conversation has, as if the app (a chatflow) declared them: each is
-# (name, value_type, default value, description).
-CONVERSATION_VARIABLES = (
-    ("city", "string", "", "Where the user is going."),
-    ("visits", "number", 0, "How often the user came back."),
-    ("preferences", "object", {}, "What the user likes."),
-)
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
@@ -36,12 +29,15 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
 class Records:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
-        self.runs: dict[str, ChatRun] = {}  # by task id, while they run
+        self.runs: dict[str, Run] = {}  # by task id, while their request runs
+        self.flows: dict[str, Run] = {}  # chatflow and workflow runs, by workflow run id
+        self.flow_tasks: dict[str, Run] = {}  # the same, by task id
+        self.forms: dict[str, Form] = {}  # by form token
+        self.files: dict[str, dict[str, Any]] = {}  # uploads by id, with their bytes
+        self.variables: dict[str, list[dict[str, Any]]] = {}  # by conversation id
+        self.background: set[Any] = set()  # resumed runs' tasks, held so they are not collected
         self.conversations: dict[str, dict[str, Any]] = {}  # by id; each has its `_user`
         self.messages: dict[str, dict[str, Any]] = {}
-        self.variables: dict[str, list[dict[str, Any]]] = {}  # by conversation id
-        self.files: dict[str, dict[str, Any]] = {}  # uploads by id, with their `_content`
-        self.files_in_messages: set[str] = set()  # what Dify's file preview serves
         self.recordings: dict[str, str] = {}  # by name, for the replay_recording knob
         self._seq = itertools.count()  # orders records created within the same second
 
@@ -49,9 +45,17 @@ class Records:
         self.calls.clear()
         self.conversations.clear()
         self.messages.clear()
-        self.variables.clear()
+        self.flows.clear()
+        self.flow_tasks.clear()
+        self.forms.clear()
         self.files.clear()
-        self.files_in_messages.clear()
+        self.variables.clear()
+
+    def remember_flow(self, run: Run) -> None:
+        """A chatflow or workflow run, for run detail, its events, and a stop after its stream."""
+        assert run.workflow_run_id is not None
+        self._keep(self.flows, run.workflow_run_id, run)
+        self._keep(self.flow_tasks, run.task_id, run)
 
     def open_streams(self) -> int:
         return sum(r.streaming and r.record["stream_end"] is None for r in self.runs.values())
@@ -67,6 +71,7 @@ class Records:
             "query": query,
             "headers": {**headers, "authorization": "present" if auth is not None else "absent"},
             "auth_ok": auth_ok,
+            "app": None,  # the mode of the app the key opened
             "json": body,
             "task_id": None,
             "status": None,
@@ -77,7 +82,7 @@ class Records:
         self.calls.append(call)
         return call
 
-    def remember_chat(self, run: ChatRun, inputs: dict[str, Any], query: str, answer: str) -> None:
+    def remember_chat(self, run: Run, inputs: dict[str, Any], query: str, answer: str) -> None:
         """What Dify's conversation and message lists show once this chat has run."""
         now, seq = run.created_at, next(self._seq)
         conversation = self.conversations.get(run.conversation_id) or {
@@ -91,19 +96,6 @@ class Records:
             "_created": (now, seq),
         }
         conversation.update(updated_at=now, _updated=(now, seq))
-        if run.conversation_id not in self.conversations:
-            self.variables[run.conversation_id] = [
-                {
-                    "id": str(uuid.uuid4()),
-                    "name": name,
-                    "value_type": value_type,
-                    "value": value,
-                    "description": description,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for name, value_type, value, description in CONVERSATION_VARIABLES
-            ]
         self._keep(self.conversations, run.conversation_id, conversation)
         message = {
             "id": run.message_id,
@@ -139,33 +131,18 @@ class Records:
             raise not_found("Message")
         return found
 
-    def attach_files(self, files: Any) -> None:
-        """Dify's file preview serves only files some message of the app carries."""
-        for file in files if isinstance(files, list) else []:
-            if isinstance(file, dict) and file.get("upload_file_id") in self.files:
-                self.files_in_messages.add(file["upload_file_id"])
-
-    def keep_file(self, file: dict[str, Any]) -> None:
-        self.files[file["id"]] = file
-        while len(self.files) > MAX_FILES:
-            oldest = next(iter(self.files))
-            del self.files[oldest]
-            self.files_in_messages.discard(oldest)
-
     def forget_conversation(self, conversation_id: str) -> None:
         del self.conversations[conversation_id]
-        self.variables.pop(conversation_id, None)
         for message_id in [
             m["id"] for m in self.messages.values() if m["conversation_id"] == conversation_id
         ]:
             del self.messages[message_id]
 
-    def _keep(self, store: dict[str, dict[str, Any]], key: str, record: dict[str, Any]) -> None:
+    @staticmethod
+    def _keep(store: dict[str, Any], key: str, record: Any) -> None:
         store[key] = record
         while len(store) > MAX_RECORDS:
-            oldest = next(iter(store))
-            del store[oldest]
-            self.variables.pop(oldest, None)  # a conversation's variables go with it
+            del store[next(iter(store))]
 
 
 RECORDS = web.AppKey("records", Records)
