@@ -1,5 +1,5 @@
-"""The rest of Dify's chat API under `/api`: stop, conversations, messages, feedback, files,
-audio and the app's settings, each called as the session's user.
+"""The rest of Dify's chat API under `/api`: stop, conversations and their variables, messages,
+feedback, files, audio and the app's settings, each called as the session's user.
 
 Dify's `user` always comes from the session and goes where Dify reads it (query, JSON body or
 multipart field); a `user` the client sends is never read. Everything the proxy can check (ids
@@ -29,14 +29,16 @@ from .chat import MAX_MESSAGE_CHARS, STREAM_HEADERS
 from .dify import Dify, unreadable_answer
 from .errors import ApiError
 from .limits import SLOT_RETRY_SECONDS, over_limit, per_user, user_limit
-from .owners import bind_history, require_owner
+from .owners import Owners, bind_history, require_owner
 from .quotas import Quotas
 from .validation import (
     bad_request,
     optional_text,
+    query_flag,
     query_limit,
     query_sort_by,
     query_uuid,
+    query_variable_name,
     read_json_object,
     refuse_head,
     validate_uuid,
@@ -46,16 +48,31 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 bp.before_request(refuse_head)
 
 RATINGS = ("like", "dislike", None)
+APP_INFO = ("parameters", "meta", "info", "site")  # app-wide, no user: cached
 MAX_NAME_CHARS = 255  # Dify stores a conversation name in a varchar(255)
 MAX_FEEDBACK_CHARS = 2_000
 MAX_VOICE_CHARS = 100
 MAX_FILENAME_CHARS = 255
 READ_SIZE = 64 * 1024
+# What a preview passes on of Dify's head, besides its type: how long it is, whether it is a
+# download (always, for HTML), and what Dify says of caching and ranges.
+PREVIEW_HEADERS = (
+    "Content-Length",
+    "Content-Disposition",
+    "Content-Encoding",
+    "X-Content-Type-Options",
+    "Accept-Ranges",
+    "Cache-Control",
+)
 MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*", re.ASCII)
 
 
 def dify() -> Dify:
     return current_app.extensions["dify_proxy.dify"]
+
+
+def owners() -> Owners:
+    return current_app.extensions["dify_proxy.owners"]
 
 
 def json_answer(upstream: requests.Response) -> Response:
@@ -128,6 +145,38 @@ def delete_conversation(conversation_id: str) -> Response:
     conversation_id = validate_uuid(conversation_id, "conversation_id")
     dify().call("DELETE", f"/conversations/{conversation_id}", json={"user": g.user_id}).close()
     return Response(status=204)
+
+
+@bp.get("/conversations/<conversation_id>/variables")
+@require_session
+def list_conversation_variables(conversation_id: str) -> Response:
+    """Dify looks the conversation up under `user`, so another user's id is Dify's 404."""
+    conversation_id = validate_uuid(conversation_id, "conversation_id")
+    params = user_params(
+        last_id=query_uuid("last_id"), limit=query_limit(), variable_name=query_variable_name()
+    )
+    return json_answer(
+        dify().call("GET", f"/conversations/{conversation_id}/variables", params=params)
+    )
+
+
+@bp.put("/conversations/<conversation_id>/variables/<variable_id>")
+@require_session
+def update_conversation_variable(conversation_id: str, variable_id: str) -> Response:
+    """`value` is any JSON, null included: whether it fits the variable's type is Dify's to say
+    (a 400 naming the type), since only Dify knows the type."""
+    conversation_id = validate_uuid(conversation_id, "conversation_id")
+    variable_id = validate_uuid(variable_id, "variable_id")
+    body = read_json_object()
+    if "value" not in body:
+        raise bad_request("value is required (any JSON value of the variable's type).")
+    return json_answer(
+        dify().call(
+            "PUT",
+            f"/conversations/{conversation_id}/variables/{variable_id}",
+            json={"value": body["value"], "user": g.user_id},
+        )
+    )
 
 
 # --- messages -------------------------------------------------------------------------------
@@ -296,7 +345,47 @@ def forward_upload(path: str) -> Response:
 @require_session
 @per_user()
 def upload_file() -> Response:
-    return forward_upload("/files/upload")
+    """The file's id is bound to the uploader: Dify's preview serves any file of the app to
+    whoever names it, so the proxy's own binding is what keeps a file its uploader's."""
+    response = forward_upload("/files/upload")
+    if response.status_code in (200, 201):
+        answer = json.loads(response.get_data())
+        file_id = answer.get("id") if isinstance(answer, dict) else None
+        if isinstance(file_id, str):
+            owners().bind("file", file_id, g.user_id)
+    return response
+
+
+@bp.get("/files/<file_id>/preview")
+@require_session
+def preview_file(file_id: str) -> Response:
+    """The file's bytes as Dify streams them, for its uploader only: any other id, unknown or
+    someone else's, gets the same 404 and Dify is not called."""
+    file_id = validate_uuid(file_id, "file_id")
+    as_attachment = query_flag("as_attachment")
+    if owners().owned("file", file_id, g.user_id) is None:
+        raise ApiError(404, "file_not_found", "File not found.")
+    params = user_params(
+        as_attachment=None if as_attachment is None else str(as_attachment).lower()
+    )
+    upstream = dify().call(
+        "GET",
+        f"/files/{file_id}/preview",
+        params=params,
+        headers={"Accept-Encoding": "identity"},  # the bytes go out as they are read
+        stream=True,
+    )
+    headers = {name: upstream.headers[name] for name in PREVIEW_HEADERS if name in upstream.headers}
+    if "Cache-Control" in headers:
+        # Dify says `public`; behind a session the file is this user's alone, so no shared
+        # cache may keep it.
+        headers["Cache-Control"] = re.sub(r"\bpublic\b", "private", headers["Cache-Control"])
+    return Response(
+        relay_bytes(upstream),
+        status=upstream.status_code,
+        content_type=upstream.headers.get("Content-Type", "application/octet-stream"),
+        headers=headers,
+    )
 
 
 @bp.post("/audio-to-text")
@@ -350,8 +439,8 @@ def relay_bytes(upstream: requests.Response) -> Iterator[bytes]:
 
 
 class AppInfoCache:
-    """Dify's app-wide answers (`/parameters`, `/meta`, `/info`), kept per process for `ttl`
-    seconds: every page load asks for them, and they change only when the app is edited."""
+    """Dify's app-wide answers (`/parameters`, `/meta`, `/info`, `/site`), kept per process for
+    `ttl` seconds: every page load asks for them, and they change only when the app is edited."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
@@ -376,7 +465,7 @@ def _init_cache(state: BlueprintSetupState) -> None:
 bp.record_once(_init_cache)
 
 
-@bp.get("/<any(parameters, meta, info):name>")
+@bp.get(f"/<any({', '.join(APP_INFO)}):name>")
 @require_session
 def app_info(name: str) -> Response:
     cache: AppInfoCache = current_app.extensions["dify_proxy.app_info"]

@@ -32,7 +32,7 @@ from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
 from .resume import follow
 from .usage import book
-from .validation import bad_request, read_json_object, refuse_head, validate_uuid
+from .validation import bad_request, own_uploads, read_json_object, refuse_head, validate_uuid
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def chat_payload(body: dict[str, Any], user: str) -> dict[str, Any]:
     conversation_id = body.get("conversation_id")
     if conversation_id not in (None, ""):
         payload["conversation_id"] = validate_uuid(conversation_id, "conversation_id")
+    own_uploads(files, inputs, user)
     if files:
         payload["files"] = files
     return payload

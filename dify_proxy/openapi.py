@@ -1,7 +1,9 @@
 """`/openapi.json`: the proxy's API as an OpenAPI 3.1 document, for generating front-end clients.
 
 Written by hand next to the routes it describes (tests/unit/test_openapi.py fails when the two
-differ), and the fuzzing suite (tests/fuzz) drives the running service from it.
+differ), and the fuzzing suite (tests/fuzz) drives the running service from it. Every limit and
+choice it publishes is the constant the route checks, imported: a number typed twice drifts
+(tests/unit/test_openapi_limits.py drives each route at the bounds the document gives).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from . import runs
-from .chat import MAX_MESSAGE_CHARS
+from .api import APP_INFO, MAX_FEEDBACK_CHARS, MAX_NAME_CHARS, MAX_VOICE_CHARS, RATINGS
+from .chat import MAX_MESSAGE_CHARS, RESPONSE_MODES
+from .validation import FLAGS, MAX_LIMIT, MIN_LIMIT, SORT_ORDERS, VARIABLE_NAME
 
 bp = Blueprint("openapi", __name__)
 
 UUID = {"type": "string", "format": "uuid"}
-OPTIONAL_UUID = {"anyOf": [UUID, {"const": ""}]}  # in a query, empty counts as absent
+EMPTY = {"const": ""}  # in a query, empty counts as absent
+OPTIONAL_UUID = {"anyOf": [UUID, EMPTY]}
 JSON_OBJECT = {"type": "object"}
 ERROR_STATUSES = {
     "400": "Invalid input; nothing was sent to Dify.",
@@ -110,7 +115,11 @@ def _text(max_chars: int, nullable: bool = False) -> dict[str, Any]:
 
 
 MESSAGE = _text(MAX_MESSAGE_CHARS)
-LIMIT = {"type": "integer", "minimum": 1, "maximum": 100}
+# Free text, as Dify takes it: empty or blank is a comment like any other.
+FEEDBACK_CONTENT = {
+    "anyOf": [{"type": "string", "maxLength": MAX_FEEDBACK_CHARS}, {"type": "null"}]
+}
+LIMIT = {"type": "integer", "minimum": MIN_LIMIT, "maximum": MAX_LIMIT}
 STREAM = {
     "200": {
         "description": "Dify's answer: its SSE events (streaming), or its JSON (blocking).",
@@ -131,12 +140,14 @@ CHAT_REQUEST = {
         "inputs": JSON_OBJECT,
         "files": {"type": "array", "items": JSON_OBJECT},
         "conversation_id": {"anyOf": [UUID, {"enum": ["", None]}]},
-        "response_mode": {"enum": ["streaming", "blocking"]},
+        "response_mode": {"enum": list(RESPONSE_MODES)},
     },
 }
-APP_INFO = {
-    name: {"get": _operation(f"Dify's /{name} for this app (cached briefly).", _json_answer(name))}
-    for name in ("parameters", "meta", "info")
+APP_INFO_PATHS = {
+    f"/api/{name}": {
+        "get": _operation(f"Dify's /{name} for this app (cached briefly).", _json_answer(name))
+    }
+    for name in APP_INFO
 }
 
 # --- runs: human input, workflow and completion apps (runs.py) ------------------------------
@@ -318,10 +329,7 @@ DOCUMENT: dict[str, Any] = {
                 parameters=[
                     _query("last_id", OPTIONAL_UUID),
                     _query("limit", LIMIT),
-                    _query(
-                        "sort_by",
-                        {"enum": ["created_at", "-created_at", "updated_at", "-updated_at"]},
-                    ),
+                    _query("sort_by", {"enum": list(SORT_ORDERS)}),
                 ],
             )
         },
@@ -341,17 +349,46 @@ DOCUMENT: dict[str, Any] = {
                     {
                         "type": "object",
                         "properties": {
-                            "name": _text(255, nullable=True),
+                            "name": _text(MAX_NAME_CHARS, nullable=True),
                             "auto_generate": {"type": "boolean"},
                         },
                         "anyOf": [
-                            {"required": ["name"], "properties": {"name": _text(255)}},
+                            {
+                                "required": ["name"],
+                                "properties": {"name": _text(MAX_NAME_CHARS)},
+                            },
                             {
                                 "required": ["auto_generate"],
                                 "properties": {"auto_generate": {"const": True}},
                             },
                         ],
                     }
+                ),
+                errors=CLIENT_ERRORS + JSON_BODY_ERRORS + UPSTREAM_ERRORS,
+            )
+        },
+        "/api/conversations/{conversation_id}/variables": {
+            "get": _operation(
+                "A conversation's variables (chatflow apps).",
+                _json_answer("A page of variables."),
+                parameters=[
+                    _path_id("conversation_id"),
+                    _query("last_id", OPTIONAL_UUID),
+                    _query("limit", LIMIT),
+                    _query(
+                        "variable_name",
+                        {"anyOf": [{"type": "string", "pattern": f"^{VARIABLE_NAME}$"}, EMPTY]},
+                    ),
+                ],
+            )
+        },
+        "/api/conversations/{conversation_id}/variables/{variable_id}": {
+            "put": _operation(
+                "Set a conversation variable's value (Dify checks its type).",
+                _json_answer("The updated variable."),
+                parameters=[_path_id("conversation_id"), _path_id("variable_id")],
+                body=_json_body(
+                    {"type": "object", "required": ["value"], "properties": {"value": {}}}
                 ),
                 errors=CLIENT_ERRORS + JSON_BODY_ERRORS + UPSTREAM_ERRORS,
             )
@@ -377,8 +414,8 @@ DOCUMENT: dict[str, Any] = {
                         "type": "object",
                         "required": ["rating"],
                         "properties": {
-                            "rating": {"enum": ["like", "dislike", None]},
-                            "content": _text(2000, nullable=True),
+                            "rating": {"enum": list(RATINGS)},
+                            "content": FEEDBACK_CONTENT,
                         },
                     }
                 ),
@@ -394,10 +431,21 @@ DOCUMENT: dict[str, Any] = {
         },
         "/api/files/upload": {
             "post": _operation(
-                "Upload a file for a later question.",
+                "Upload a file for a later question (its id is then this user's to preview).",
                 _json_answer("The stored file.", "201"),
                 body=_file_body(),
                 errors=CLIENT_ERRORS + JSON_BODY_ERRORS + UPSTREAM_ERRORS,
+            )
+        },
+        "/api/files/{file_id}/preview": {
+            "get": _operation(
+                "A file this user uploaded, streamed as Dify serves it (its type, length and "
+                "Content-Disposition). Any other file id is a 404 that never reaches Dify.",
+                {"200": {"description": "The file's bytes.", "content": {"*/*": {}}}},
+                parameters=[
+                    _path_id("file_id"),
+                    _query("as_attachment", {"anyOf": [{"enum": list(FLAGS)}, EMPTY]}),
+                ],
             )
         },
         "/api/audio-to-text": {
@@ -418,7 +466,7 @@ DOCUMENT: dict[str, Any] = {
                         "properties": {
                             "message_id": {"anyOf": [UUID, {"enum": ["", None]}]},
                             "text": _text(MAX_MESSAGE_CHARS, nullable=True),
-                            "voice": _text(100, nullable=True),
+                            "voice": _text(MAX_VOICE_CHARS, nullable=True),
                         },
                         "anyOf": [
                             {"required": ["message_id"], "properties": {"message_id": UUID}},
@@ -429,7 +477,7 @@ DOCUMENT: dict[str, Any] = {
                 errors=CLIENT_ERRORS + JSON_BODY_ERRORS + UPSTREAM_ERRORS,
             )
         },
-        **{f"/api/{name}": item for name, item in APP_INFO.items()},
+        **APP_INFO_PATHS,
         **RUN_PATHS,
         "/healthz": {
             "get": _operation("Liveness.", _json_answer("Serving."), public=True, errors=())

@@ -23,17 +23,24 @@ from flask import Blueprint, Response, current_app, g, request
 
 from .api import json_answer
 from .auth import require_session
-from .chat import MAX_MESSAGE_CHARS, is_reconnect, last_event_id, resume, run_answer, wants_ids
+from .chat import (
+    MAX_MESSAGE_CHARS,
+    RESPONSE_MODES,
+    is_reconnect,
+    last_event_id,
+    resume,
+    run_answer,
+    wants_ids,
+)
 from .dify import Dify
 from .limits import per_user
 from .modes import WORKFLOW_MODES, require_mode, stop_app
 from .owners import require_owner
-from .validation import bad_request, read_json_object, refuse_head, validate_uuid
+from .validation import bad_request, own_uploads, read_json_object, refuse_head, validate_uuid
 
 bp = Blueprint("runs", __name__, url_prefix="/api")
 bp.before_request(refuse_head)
 
-RESPONSE_MODES = ("streaming", "blocking")
 # Dify's form tokens are 22 letters and digits; anything that could leave the path segment is
 # refused before a path is built from it.
 FORM_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -60,6 +67,7 @@ def run_payload(body: dict[str, Any], query: bool = False) -> dict[str, Any]:
     mode = body.get("response_mode", "streaming")
     if mode not in RESPONSE_MODES:
         raise bad_request("response_mode must be 'streaming' or 'blocking'.")
+    own_uploads(files, inputs, g.user_id)
     payload: dict[str, Any] = {"inputs": inputs, "response_mode": mode, "user": g.user_id}
     if files:
         payload["files"] = files

@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from . import jsontext
@@ -19,6 +19,9 @@ from .errors import ApiError
 
 MIN_LIMIT, MAX_LIMIT = 1, 100
 SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
+FLAGS = {"true": True, "false": False}
+# Dify's filter for conversation variables: 1-255 letters, digits, `_`, `-` and `.`.
+VARIABLE_NAME = r"[A-Za-z0-9_.\-]{1,255}"
 
 
 def refuse_head() -> None:
@@ -96,6 +99,26 @@ def query_sort_by() -> str | None:
     return value
 
 
+def query_flag(name: str) -> bool | None:
+    value = request.args.get(name)
+    if value in (None, ""):
+        return None
+    if value not in FLAGS:
+        raise bad_request(f"{name} must be true or false.")
+    return FLAGS[value]
+
+
+def query_variable_name() -> str | None:
+    value = request.args.get("variable_name")
+    if value in (None, ""):
+        return None
+    if not re.fullmatch(VARIABLE_NAME, value, re.ASCII):
+        raise bad_request(
+            "variable_name must be 1 to 255 letters, digits, underscores, hyphens or periods."
+        )
+    return value
+
+
 def optional_text(body: dict[str, Any], name: str, max_chars: int) -> str | None:
     value = body.get(name)
     if value is None:
@@ -105,3 +128,22 @@ def optional_text(body: dict[str, Any], name: str, max_chars: int) -> str | None
     if len(value) > max_chars:
         raise bad_request(f"{name} must be at most {max_chars:,} characters.")
     return value
+
+
+def own_uploads(files: list[Any], inputs: dict[str, Any], user: str) -> None:
+    """Every uploaded file a question names (in `files`, or as a file input in `inputs`) must
+    be one this user uploaded through the proxy: Dify takes any upload of the app, whoever
+    made it, so without this check one user could have the model read another's file. An
+    unknown id and someone else's get the same 400, before Dify is called."""
+    candidates = list(files)
+    for value in inputs.values():  # a file input is a file object or a list of them
+        candidates += value if isinstance(value, list) else [value]
+    owners = current_app.extensions["dify_proxy.owners"]
+    for file in candidates:
+        if not isinstance(file, dict) or file.get("transfer_method") != "local_file":
+            continue
+        file_id = file.get("upload_file_id")
+        if not isinstance(file_id, str) or owners.owned("file", file_id, user) is None:
+            raise bad_request(
+                "upload_file_id must be the id of a file you uploaded with /api/files/upload."
+            )

@@ -331,7 +331,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "APP_INFO_TTL",
         ROUTES,
-        "Seconds each worker keeps Dify's `/parameters`, `/meta` and `/info` answers;"
+        "Seconds each worker keeps Dify's `/parameters`, `/meta`, `/info` and `/site` answers;"
         " `0` turns this off.",
         default="60",
         example="60",

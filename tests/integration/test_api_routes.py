@@ -1,5 +1,6 @@
 """The /api routes besides /api/chat, through real gunicorn against the Dify stand-in: each
-call made as the session's user, uploads streamed through, audio relayed, stop ending a stream."""
+call made as the session's user, uploads streamed through, a file previewed for its uploader
+only, audio relayed, stop ending a stream."""
 
 from __future__ import annotations
 
@@ -238,10 +239,54 @@ def test_another_users_conversation_cannot_be_continued(alice, bob):
     assert (response.status_code, response.json()) == (404, NOT_FOUND)
 
 
+# --- conversation variables ---------------------------------------------------------------------
+
+
+def test_a_conversations_variables_are_listed_and_one_is_set(alice, standin):
+    conversation_id = alice.ask()["conversation_id"]
+    path = f"/api/conversations/{conversation_id}/variables"
+    listed = alice.request("GET", path, params={"limit": 10})
+    topic = listed.json()["data"][0]
+
+    updated = alice.request("PUT", f"{path}/{topic['id']}", json={"value": "Oslo", "user": BOB})
+
+    assert listed.status_code == 200
+    assert [v["name"] for v in listed.json()["data"]] == ["topic", "turns"]
+    assert (updated.status_code, updated.json()["value"]) == (200, "Oslo")
+    assert alice.request("GET", path).json()["data"][0]["value"] == "Oslo"
+    assert calls_to(standin, f"/v1{path.removeprefix('/api')}")[0]["query"] == (
+        f"limit=10&user={ALICE}"
+    )
+    sent = calls_to(standin, f"/v1{path.removeprefix('/api')}/{topic['id']}")[0]["json"]
+    assert sent == {"value": "Oslo", "user": ALICE}
+
+
+def test_a_value_of_the_wrong_type_is_difys_400(alice):
+    conversation_id = alice.ask()["conversation_id"]
+    path = f"/api/conversations/{conversation_id}/variables"
+    topic = alice.request("GET", path).json()["data"][0]
+    response = alice.request("PUT", f"{path}/{topic['id']}", json={"value": 7})
+    assert (response.status_code, response.json()["code"]) == (400, "bad_request")
+    assert "expects string" in response.json()["message"]
+
+
+def test_another_users_conversation_variables_are_difys_404(alice, bob):
+    conversation_id = alice.ask()["conversation_id"]
+    path = f"/api/conversations/{conversation_id}/variables"
+    topic = alice.request("GET", path).json()["data"][0]
+
+    listed = bob.request("GET", path)
+    updated = bob.request("PUT", f"{path}/{topic['id']}", json={"value": "mine now"})
+
+    assert (listed.status_code, listed.json()) == (404, NOT_FOUND)
+    assert (updated.status_code, updated.json()) == (404, NOT_FOUND)
+    assert alice.request("GET", path).json()["data"][0]["value"] == ""
+
+
 # --- app settings -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["parameters", "meta", "info"])
+@pytest.mark.parametrize("name", ["parameters", "meta", "info", "site"])
 def test_app_settings_are_difys(alice, name):
     response = alice.request("GET", f"/api/{name}")
     assert response.status_code == 200
@@ -314,6 +359,68 @@ def test_a_chunked_upload_is_cut_off_at_max_upload_bytes_with_413(one_worker, st
 def test_difys_415_for_a_refused_file_type_passes_through(alice):
     response = alice.upload(b"MZ", filename="setup.exe")
     assert (response.status_code, response.json()["code"]) == (415, "unsupported_file_type")
+
+
+def share_in_a_chat(api: Api, file_id: str) -> None:
+    """Dify previews only files that some message of the app carries."""
+    file = {"type": "document", "transfer_method": "local_file", "upload_file_id": file_id}
+    response = api.request(
+        "POST", "/api/chat", json={"message": "read", "files": [file], "response_mode": "blocking"}
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_an_uploaded_file_is_previewed_byte_for_byte_under_difys_type(alice, standin):
+    content = os.urandom(300 * 1024)
+    file_id = alice.request(
+        "POST", "/api/files/upload", files={"file": ("report.pdf", content, "application/pdf")}
+    ).json()["id"]
+    share_in_a_chat(alice, file_id)
+
+    response = alice.request("GET", f"/api/files/{file_id}/preview", stream=True)
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/pdf"
+    assert response.headers["Content-Length"] == str(len(content))
+    assert response.headers["Cache-Control"] == "private, max-age=3600"
+    assert response.raw.read() == content
+    assert calls_to(standin, f"/v1/files/{file_id}/preview")[0]["query"] == f"user={ALICE}"
+
+
+def test_as_attachment_makes_the_preview_difys_download(alice):
+    file_id = alice.upload(b"hello", filename="my notes.txt").json()["id"]
+    share_in_a_chat(alice, file_id)
+    response = alice.request("GET", f"/api/files/{file_id}/preview?as_attachment=true")
+    assert response.headers["Content-Disposition"] == "attachment; filename*=UTF-8''my%20notes.txt"
+    assert response.content == b"hello"
+
+
+def test_another_users_file_is_a_404_and_dify_is_never_asked(alice, bob, standin):
+    file_id = alice.upload(b"alice's secret").json()["id"]
+    share_in_a_chat(alice, file_id)
+
+    response = bob.request("GET", f"/api/files/{file_id}/preview")
+
+    assert (response.status_code, response.json()["code"]) == (404, "file_not_found")
+    assert calls_to(standin, f"/v1/files/{file_id}/preview") == []
+    assert alice.request("GET", f"/api/files/{file_id}/preview").content == b"alice's secret"
+
+
+def test_another_users_file_and_an_unknown_id_get_the_same_404(alice, bob):
+    file_id = alice.upload(b"alice's").json()["id"]
+    someone_elses = bob.request("GET", f"/api/files/{file_id}/preview")
+    unknown = bob.request("GET", "/api/files/0b6f5d2c-4e3a-4f1b-9c8d-7a6e5f4d3c2b/preview")
+    assert (someone_elses.status_code, someone_elses.content) == (404, unknown.content)
+
+
+def test_a_question_naming_another_users_upload_never_reaches_dify(alice, bob, standin):
+    file_id = alice.upload(b"alice's").json()["id"]
+    file = {"type": "document", "transfer_method": "local_file", "upload_file_id": file_id}
+    response = bob.request(
+        "POST", "/api/chat", json={"message": "read", "files": [file], "response_mode": "blocking"}
+    )
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_param")
+    assert standin.chats() == []
 
 
 def test_audio_to_text_answers_difys_transcript(alice, standin):

@@ -24,6 +24,7 @@ USER = tokens.USER_ID
 TASK = "c3d4e5f6-0718-4a2b-9c3d-4e5f60718293"
 CONVERSATION = "3f8e5c1a-9b2d-4e6f-8a7b-1c2d3e4f5a6b"
 MESSAGE = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+VARIABLE = "0b6f5d2c-4e3a-4f1b-9c8d-7a6e5f4d3c2b"
 UPLOAD_LIMIT = 3 * 1024 * 1024
 UPLOADED = {
     "id": "72fa9618-8f89-4a37-9b33-7e1178a24a67",
@@ -85,6 +86,23 @@ ROUTES = [
         "json",
     ),
     Route(
+        "variables",
+        "GET",
+        f"/api/conversations/{CONVERSATION}/variables",
+        "GET",
+        f"/conversations/{CONVERSATION}/variables",
+        "query",
+    ),
+    Route(
+        "set variable",
+        "PUT",
+        f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}",
+        "PUT",
+        f"/conversations/{CONVERSATION}/variables/{VARIABLE}",
+        "json",
+        body={"value": "Paris"},
+    ),
+    Route(
         "messages",
         "GET",
         "/api/messages",
@@ -125,7 +143,7 @@ ROUTES = [
     ),
 ]
 JSON_ROUTES = [r for r in ROUTES if r.name not in ("delete", "text-to-audio")]
-APP_INFO = ["parameters", "meta", "info"]
+APP_INFO = ["parameters", "meta", "info", "site"]
 ANY_DIFY_URL = re.compile(re.escape(DIFY_URL) + ".*")
 
 
@@ -147,7 +165,7 @@ def call(client, auth, route: Route, *, user: str | None = None, headers: dict |
         data = upload_data(**({"user": user} if user is not None else {}))
         return client.post(route.path, query_string=query, data=data, headers=headers)
     kwargs: dict[str, Any] = {"query_string": query, "headers": headers}
-    if route.body is not None or route.method == "POST":
+    if route.body is not None or route.method in ("POST", "PUT"):
         body = dict(route.body or {})
         if user is not None:
             body["user"] = user
@@ -282,6 +300,45 @@ def test_empty_optional_query_values_count_as_absent(client, auth, dify):
     assert dify.query == {"user": [USER]}
 
 
+def test_conversation_variables_forward_last_id_limit_and_variable_name_only(client, auth, dify):
+    query = {"last_id": VARIABLE, "limit": "100", "variable_name": "trip.city-2_b", "x": "y"}
+    client.get(f"/api/conversations/{CONVERSATION}/variables", query_string=query, headers=auth)
+    assert dify.query == {
+        "last_id": [VARIABLE],
+        "limit": ["100"],
+        "variable_name": ["trip.city-2_b"],
+        "user": [USER],
+    }
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Paris", "", 42, 1.5, True, None, ["a", "b"], {"city": "Paris", "days": [1, 2]}],
+    ids=["string", "empty string", "integer", "float", "boolean", "null", "array", "object"],
+)
+def test_setting_a_variable_forwards_any_json_value_for_dify_to_type_check(
+    client, auth, dify, value
+):
+    path = f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}"
+    response = client.put(path, json={"value": value, "extra": 1}, headers=auth)
+    assert response.status_code == 200
+    assert dify.json == {"value": value, "user": USER}
+
+
+def test_difys_400_for_a_value_of_the_wrong_type_passes_through(client, auth, requests_mock):
+    error = {
+        "code": "bad_request",
+        "message": "Type mismatch: variable 'city' expects string, but got number type",
+        "status": 400,
+    }
+    requests_mock.put(
+        f"{DIFY_URL}/conversations/{CONVERSATION}/variables/{VARIABLE}", status_code=400, json=error
+    )
+    path = f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}"
+    response = client.put(path, json={"value": 3}, headers=auth)
+    assert (response.status_code, response.json) == (400, error)
+
+
 def test_rename_forwards_the_name(client, auth, dify):
     client.post(f"/api/conversations/{CONVERSATION}/name", json={"name": "Trip"}, headers=auth)
     assert dify.json == {"name": "Trip", "auto_generate": False, "user": USER}
@@ -300,6 +357,15 @@ def test_feedback_forwards_the_rating_including_null_to_withdraw(client, auth, d
     response = client.post(path, json={"rating": rating}, headers=auth)
     assert response.status_code == 200
     assert dify.json == {"rating": rating, "user": USER}
+
+
+@pytest.mark.parametrize("content", ["", "   ", "\n"], ids=["empty", "spaces", "newline"])
+def test_feedback_content_is_free_text_so_empty_or_blank_is_forwarded(client, auth, dify, content):
+    """Dify takes `content` as optional free text (`str | None`), and so does the document."""
+    path = f"/api/messages/{MESSAGE}/feedbacks"
+    response = client.post(path, json={"rating": "like", "content": content}, headers=auth)
+    assert response.status_code == 200
+    assert dify.json == {"rating": "like", "content": content, "user": USER}
 
 
 def test_feedback_forwards_content_of_up_to_2000_characters(client, auth, dify):
@@ -502,6 +568,31 @@ BAD_REQUESTS = [
     ("POST", f"/api/conversations/{CONVERSATION}/name", {"name": "x" * 256}, "255"),
     ("POST", f"/api/conversations/{CONVERSATION}/name", {"auto_generate": "yes"}, "auto_generate"),
     ("DELETE", "/api/conversations/nope", None, "conversation_id"),
+    ("GET", "/api/conversations/nope/variables", None, "conversation_id"),
+    ("GET", f"/api/conversations/{CONVERSATION}/variables?last_id=x", None, "last_id"),
+    ("GET", f"/api/conversations/{CONVERSATION}/variables?limit=0", None, "limit"),
+    ("GET", f"/api/conversations/{CONVERSATION}/variables?limit=101", None, "limit"),
+    (
+        "GET",
+        f"/api/conversations/{CONVERSATION}/variables?variable_name=a%27%20or%201",
+        None,
+        "variable_name",
+    ),
+    (
+        "GET",
+        f"/api/conversations/{CONVERSATION}/variables?variable_name={'v' * 256}",
+        None,
+        "variable_name",
+    ),
+    ("PUT", f"/api/conversations/nope/variables/{VARIABLE}", {"value": 1}, "conversation_id"),
+    ("PUT", f"/api/conversations/{CONVERSATION}/variables/nope", {"value": 1}, "variable_id"),
+    ("PUT", f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}", {}, "value"),
+    (
+        "PUT",
+        f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}",
+        {"val": 1},
+        "value is required",
+    ),
     ("GET", "/api/messages", None, "conversation_id"),
     ("GET", "/api/messages?conversation_id=nope", None, "conversation_id"),
     ("GET", f"/api/messages?conversation_id={CONVERSATION}&first_id=x", None, "first_id"),
@@ -560,15 +651,18 @@ def test_sort_by_accepts_difys_four_orders(client, auth, dify, sort_by):
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("method", "path"),
     [
-        f"/api/conversations/{CONVERSATION}/name",
-        f"/api/messages/{MESSAGE}/feedbacks",
-        "/api/text-to-audio",
+        ("POST", f"/api/conversations/{CONVERSATION}/name"),
+        ("PUT", f"/api/conversations/{CONVERSATION}/variables/{VARIABLE}"),
+        ("POST", f"/api/messages/{MESSAGE}/feedbacks"),
+        ("POST", "/api/text-to-audio"),
     ],
 )
-def test_a_json_route_refuses_a_body_that_is_not_json_with_415(client, auth, requests_mock, path):
-    response = client.post(path, data="rating=like", headers=auth)
+def test_a_json_route_refuses_a_body_that_is_not_json_with_415(
+    client, auth, requests_mock, method, path
+):
+    response = client.open(path, method=method, data="rating=like", headers=auth)
     assert response.status_code == 415
     assert requests_mock.call_count == 0
 
@@ -633,6 +727,8 @@ TRAVERSALS = [
     ("GET", "/api/messages/..%2F..%2Fparameters/suggested"),
     ("GET", "/api/messages/%2e%2e/suggested"),
     ("POST", "/api/messages/x%5C..%5C/feedbacks"),
+    ("GET", "/api/conversations/..%2F..%2Fparameters/variables"),
+    ("PUT", f"/api/conversations/{CONVERSATION}/variables/..%2F..%2F..%2Fparameters"),
     ("GET", "/api/conversations?last_id=..%2F..%2Fx"),
     ("GET", "/api/messages?conversation_id=%2e%2e%2F"),
 ]
@@ -654,6 +750,199 @@ def test_the_dify_client_refuses_an_unsafe_path(settings, requests_mock, path):
     with pytest.raises(ValueError):
         Dify(settings).call("GET", path)
     assert requests_mock.call_count == 0
+
+
+# --- file preview: only the uploader's files --------------------------------------------------
+
+FILE = UPLOADED["id"]
+PREVIEW = f"/api/files/{FILE}/preview"
+BOB = "5a1d3c2e-8f7b-4c6d-9e0a-1b2c3d4e5f60"
+PDF = b"%PDF-1.7\n" + bytes(range(256)) * 256
+
+
+def owners(app):
+    return app.extensions["dify_proxy.owners"]
+
+
+@pytest.fixture
+def difys_file(requests_mock):
+    """Dify's preview of FILE, with the head Dify sends for a PDF."""
+    return requests_mock.get(
+        f"{DIFY_URL}/files/{FILE}/preview",
+        content=PDF,
+        headers={
+            "Content-Type": "application/pdf",
+            "Content-Length": str(len(PDF)),
+            "Cache-Control": "public, max-age=3600",
+        },
+    )
+
+
+def test_an_upload_binds_the_files_id_to_the_uploader(app, client, auth, dify):
+    client.post("/api/files/upload", data=upload_data(), headers=auth)
+    assert owners(app).owner_of("file", FILE) == USER
+
+
+def test_an_upload_dify_refuses_binds_nothing(app, client, auth, requests_mock):
+    error = {"code": "unsupported_file_type", "message": "File type not allowed.", "status": 415}
+    requests_mock.post(f"{DIFY_URL}/files/upload", status_code=415, json=error)
+    client.post("/api/files/upload", data=upload_data(), headers=auth)
+    assert owners(app).owner_of("file", FILE) is None
+
+
+def test_an_uploaded_file_is_previewed_as_dify_streams_it(client, auth, dify, difys_file):
+    client.post("/api/files/upload", data=upload_data(), headers=auth)
+    response = client.get(PREVIEW, headers=auth)
+    assert response.status_code == 200
+    assert response.is_streamed
+    assert response.get_data() == PDF
+    assert response.headers["Content-Type"] == "application/pdf"
+    assert response.headers["Content-Length"] == str(len(PDF))
+    assert parse_qs(urlsplit(difys_file.last_request.url).query) == {"user": [USER]}
+    assert difys_file.last_request.headers["Accept-Encoding"] == "identity"
+
+
+def test_a_previews_download_headers_pass_through(app, client, auth, requests_mock):
+    owners(app).bind("file", FILE, USER)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": "attachment; filename*=UTF-8''page.html",
+        "X-Content-Type-Options": "nosniff",
+        "Accept-Ranges": "bytes",
+        "X-Version": "1.16.1",
+    }
+    requests_mock.get(f"{DIFY_URL}/files/{FILE}/preview", content=b"<p>", headers=headers)
+    response = client.get(PREVIEW, headers=auth)
+    assert {k: response.headers.get(k) for k in headers} == {**headers, "X-Version": None}
+
+
+def test_a_preview_may_be_cached_by_the_browser_but_by_no_shared_cache(
+    app, client, auth, difys_file
+):
+    owners(app).bind("file", FILE, USER)
+    assert client.get(PREVIEW, headers=auth).headers["Cache-Control"] == "private, max-age=3600"
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_as_attachment_is_forwarded(app, client, auth, difys_file, value):
+    owners(app).bind("file", FILE, USER)
+    client.get(f"{PREVIEW}?as_attachment={value}", headers=auth)
+    query = parse_qs(urlsplit(difys_file.last_request.url).query)
+    assert query == {"as_attachment": [value], "user": [USER]}
+
+
+@pytest.mark.parametrize("value", ["yes", "1", "TRUE", "on"])
+def test_an_as_attachment_other_than_true_or_false_is_a_400(app, client, auth, difys_file, value):
+    owners(app).bind("file", FILE, USER)
+    response = client.get(f"{PREVIEW}?as_attachment={value}", headers=auth)
+    assert (response.status_code, response.json["code"]) == (400, "invalid_param")
+    assert "as_attachment" in response.json["message"]
+    assert difys_file.call_count == 0
+
+
+def test_another_users_file_is_a_404_like_an_unknown_one_and_never_reaches_dify(
+    app, client, auth, difys_file
+):
+    owners(app).bind("file", FILE, BOB)
+    someone_elses = client.get(PREVIEW, headers=auth)
+    unknown = client.get("/api/files/0b6f5d2c-4e3a-4f1b-9c8d-7a6e5f4d3c2b/preview", headers=auth)
+    assert someone_elses.status_code == unknown.status_code == 404
+    assert someone_elses.get_data() == unknown.get_data()
+    assert difys_file.call_count == 0
+
+
+def test_a_preview_needs_a_session(app, client, difys_file):
+    owners(app).bind("file", FILE, USER)
+    assert client.get(PREVIEW).status_code == 401
+    assert difys_file.call_count == 0
+
+
+def test_a_file_id_that_is_not_a_uuid_is_a_400(client, auth, requests_mock):
+    response = client.get("/api/files/..%2F..%2Fparameters/preview", headers=auth)
+    assert response.status_code in (400, 404)
+    response = client.get("/api/files/nope/preview", headers=auth)
+    assert (response.status_code, response.json["code"]) == (400, "invalid_param")
+    assert requests_mock.call_count == 0
+
+
+def test_difys_404_for_a_file_no_message_carries_passes_through(app, client, auth, requests_mock):
+    owners(app).bind("file", FILE, USER)
+    error = {
+        "code": "file_not_found",
+        "message": "File not found in message context",
+        "status": 404,
+    }
+    requests_mock.get(f"{DIFY_URL}/files/{FILE}/preview", status_code=404, json=error)
+    response = client.get(PREVIEW, headers=auth)
+    assert (response.status_code, response.json) == (404, error)
+
+
+# --- a question names only the asker's uploads -------------------------------------------------
+
+
+def local_file(file_id: str) -> dict[str, str]:
+    return {"type": "document", "transfer_method": "local_file", "upload_file_id": file_id}
+
+
+@pytest.fixture
+def dify_chat(requests_mock):
+    return requests_mock.post(f"{DIFY_URL}/chat-messages", json={"event": "message", "answer": ""})
+
+
+def ask(client, auth, **body):
+    return client.post(
+        "/api/chat", json={"message": "read", "response_mode": "blocking", **body}, headers=auth
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"files": [local_file(FILE)]},
+        {"inputs": {"report": local_file(FILE)}},
+        {"inputs": {"reports": [local_file(FILE)]}},
+    ],
+    ids=["files", "file input", "file list input"],
+)
+def test_a_question_may_name_the_askers_own_upload(app, client, auth, dify_chat, body):
+    owners(app).bind("file", FILE, USER)
+    assert ask(client, auth, **body).status_code == 200
+    sent = dify_chat.last_request.json()
+    assert {k: sent[k] for k in body} == body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"files": [local_file(FILE)]},
+        {"inputs": {"report": local_file(FILE)}},
+        {"inputs": {"reports": [local_file(MESSAGE), local_file(FILE)]}},
+    ],
+    ids=["files", "file input", "file list input"],
+)
+def test_a_question_naming_another_users_upload_is_a_400_and_never_reaches_dify(
+    app, client, auth, dify_chat, body
+):
+    """Dify would take it (it checks only that the file is the app's) and let the model read
+    another user's file."""
+    owners(app).bind("file", FILE, BOB)
+    owners(app).bind("file", MESSAGE, USER)
+    response = ask(client, auth, **body)
+    assert (response.status_code, response.json["code"]) == (400, "invalid_param")
+    assert "upload_file_id" in response.json["message"]
+    assert dify_chat.call_count == 0
+
+
+def test_another_users_upload_and_an_unknown_one_get_the_same_400(app, client, auth, dify_chat):
+    owners(app).bind("file", FILE, BOB)
+    someone_elses = ask(client, auth, files=[local_file(FILE)])
+    unknown = ask(client, auth, files=[local_file(VARIABLE)])
+    assert someone_elses.get_data() == unknown.get_data()
+
+
+def test_files_given_by_url_need_no_upload(client, auth, dify_chat):
+    remote = {"type": "image", "transfer_method": "remote_url", "url": "https://x.test/a.png"}
+    assert ask(client, auth, files=[remote]).status_code == 200
 
 
 # --- uploads over the limit -------------------------------------------------------------------
@@ -737,7 +1026,7 @@ def test_each_app_info_path_is_cached_on_its_own(client, auth, clock, requests_m
         requests_mock.get(f"{DIFY_URL}/{name}", json={"name": name})
     answers = [client.get(f"/api/{name}", headers=auth).json for name in APP_INFO * 2]
     assert answers == [{"name": name} for name in APP_INFO * 2]
-    assert requests_mock.call_count == 3
+    assert requests_mock.call_count == len(APP_INFO)
 
 
 def test_an_app_info_error_is_not_cached(client, auth, clock, requests_mock):
