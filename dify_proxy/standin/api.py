@@ -1,63 +1,33 @@
 """The rest of a chat app's Dify API: conversations, messages, feedback, suggestions, file and
-audio uploads, text-to-audio, and parameters/meta/info, answered from `Records` as Dify answers
-them. Uploads are read as they arrive (`read_upload`): fields kept, files only counted, so a
-1 GB upload costs what a 1 KB one does."""
+audio uploads, file preview, text-to-audio, and parameters/meta/info/site, answered from
+`Records` as Dify answers them. Uploads are read as they arrive (`read_upload`): fields kept,
+and a file's bytes kept for its preview only up to KEEP_FILE (a bigger one is only counted, so
+a 1 GB upload costs what a 1 KB one does, and its preview is a 404)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 import uuid
 from typing import Any
 
 from aiohttp import BodyPartReader, hdrs, web
 
+from dify_proxy.standin import apps
 from dify_proxy.standin.records import CALL, RECORDS, json_body, public
 from dify_proxy.standin.wire import DifyError, bad, json_response, not_found, user_of
 
 MAX_FILE = 64 * 1024 * 1024  # Dify's own limits are configurable; these are generous
 MAX_AUDIO = 30 * 1024 * 1024
 MAX_FIELD = 64 * 1024  # a non-file multipart field
+KEEP_FILE = 16 * 1024 * 1024  # bytes of an upload kept for `GET /files/{id}/preview`
 BLOCKED_EXTENSIONS = ("bat", "exe", "sh")
 SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
 FAKE_AUDIO = (b"ID3\x04\x00\x00\x00\x00\x00\x00", b"\xff\xf3\x44\xc4" * 512, b"\xff\xf3" * 256)
-APP_INFO: dict[str, Any] = {
-    "parameters": {
-        "opening_statement": "Hello from the local Dify stand-in.",
-        "suggested_questions": ["What can you do?"],
-        "suggested_questions_after_answer": {"enabled": True},
-        "speech_to_text": {"enabled": True},
-        "text_to_speech": {"enabled": True, "voice": "alloy", "language": "en-US"},
-        "retriever_resource": {"enabled": False},
-        "annotation_reply": {"enabled": False},
-        "more_like_this": {"enabled": False},
-        "sensitive_word_avoidance": {"enabled": False},
-        "user_input_form": [],
-        "file_upload": {
-            "image": {
-                "enabled": True,
-                "number_limits": 3,
-                "transfer_methods": ["remote_url", "local_file"],
-            }
-        },
-        "system_parameters": {
-            "file_size_limit": MAX_FILE // 2**20,
-            "image_file_size_limit": 10,
-            "audio_file_size_limit": MAX_AUDIO // 2**20,
-            "video_file_size_limit": 100,
-        },
-    },
-    "meta": {"tool_icons": {}},
-    "info": {
-        "name": "Dify stand-in",
-        "description": "A local stand-in for a Dify chat app.",
-        "tags": [],
-        "mode": "chat",
-        "author_name": "dify-proxy",
-    },
-}
 UPLOAD_PATHS = ("/v1/files/upload", "/v1/audio-to-text")
 UPLOAD_ERROR = web.RequestKey("upload_error", DifyError)
+UPLOADED = web.RequestKey("uploaded", list)  # each file part's bytes (None past KEEP_FILE)
 routes = web.RouteTableDef()
 
 
@@ -66,6 +36,7 @@ async def read_upload(request: web.Request, call: dict[str, Any]) -> None:
     among them) and each file's name, type and size. What is wrong with it is answered later,
     after the key check, as Dify does."""
     call["form"], call["files"] = {}, []
+    request[UPLOADED] = []
     try:
         async for part in await request.multipart():
             if not isinstance(part, BodyPartReader):  # a nested multipart: not Dify's
@@ -74,9 +45,9 @@ async def read_upload(request: web.Request, call: dict[str, Any]) -> None:
             size, value = 0, bytearray()
             while chunk := await part.read_chunk(65536):
                 size += len(chunk)
-                if part.filename is None:
-                    if size > MAX_FIELD:
-                        raise DifyError(413, "request_entity_too_large", "field too large")
+                if part.filename is None and size > MAX_FIELD:
+                    raise DifyError(413, "request_entity_too_large", "field too large")
+                if size <= (MAX_FIELD if part.filename is None else KEEP_FILE):
                     value += chunk
             if part.name is not None and part.filename is None:
                 call["form"][part.name] = value.decode("utf-8", "replace")
@@ -84,6 +55,7 @@ async def read_upload(request: web.Request, call: dict[str, Any]) -> None:
                 kind = part.headers.get(hdrs.CONTENT_TYPE, "")
                 file = {"field": part.name, "filename": part.filename, "content_type": kind}
                 call["files"].append({**file, "size": size})
+                request[UPLOADED].append(bytes(value) if size <= KEEP_FILE else None)
     except DifyError as e:
         request[UPLOAD_ERROR] = e
     except (ValueError, AssertionError, KeyError):  # aiohttp's ways of saying "malformed"
@@ -120,6 +92,7 @@ def query_limit(request: web.Request) -> int:
 
 @routes.get("/v1/conversations")
 async def list_conversations(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     user, limit = user_of(request.query.get("user")), query_limit(request)
     sort_by = request.query.get("sort_by") or "-updated_at"
     if sort_by not in SORT_ORDERS:
@@ -141,6 +114,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 
 @routes.post("/v1/conversations/{conversation_id}/name")
 async def rename_conversation(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     records, req = request.app[RECORDS], json_body(request)
     conversation = records.conversation(
         request.match_info["conversation_id"], user_of(req.get("user"))
@@ -158,6 +132,7 @@ async def rename_conversation(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/conversations/{conversation_id}")
 async def delete_conversation(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     records, conversation_id = request.app[RECORDS], request.match_info["conversation_id"]
     records.conversation(conversation_id, user_of(json_body(request).get("user")))
     records.forget_conversation(conversation_id)
@@ -166,6 +141,7 @@ async def delete_conversation(request: web.Request) -> web.Response:
 
 @routes.get("/v1/messages")
 async def list_messages(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     user, limit = user_of(request.query.get("user")), query_limit(request)
     records, conversation_id = request.app[RECORDS], request.query.get("conversation_id")
     if not conversation_id:
@@ -196,6 +172,7 @@ async def feedback(request: web.Request) -> web.Response:
 
 @routes.get("/v1/messages/{message_id}/suggested")
 async def suggested(request: web.Request) -> web.Response:
+    apps.require(request, apps.CHATFLOW, apps.CHAT)
     user = user_of(request.query.get("user"))
     topic = request.app[RECORDS].message(request.match_info["message_id"], user)["query"][:30]
     questions = [f"Tell me more about {topic}?", "Can you give an example?", "What else?"]
@@ -221,7 +198,25 @@ async def upload_file(request: web.Request) -> web.Response:
         "created_by": str(uuid.uuid5(uuid.NAMESPACE_URL, user)),
         "created_at": int(time.time()),
     }
+    data = request[UPLOADED][request[CALL]["files"].index(file)]
+    request.app[RECORDS].files[answer["id"]] = {**answer, "_data": data}
     return json_response(answer, 201)
+
+
+@routes.get("/v1/files/{file_id}/preview")
+async def preview_file(request: web.Request) -> web.Response:
+    """The uploaded bytes under their content type. Like Dify, no end-user check: the file id
+    and the app's key are all it takes (the proxy must scope it to its uploader)."""
+    file = request.app[RECORDS].files.get(request.match_info["file_id"])
+    if file is None or file["_data"] is None:
+        raise DifyError(404, "file_not_found", "The requested file was not found.")
+    response = web.Response(body=file["_data"])
+    response.headers[hdrs.CONTENT_TYPE] = file["mime_type"] or "application/octet-stream"
+    response.headers[hdrs.CACHE_CONTROL] = "public, max-age=3600"
+    if request.query.get("as_attachment", "").lower() == "true":
+        quoted = urllib.parse.quote(file["name"])
+        response.headers[hdrs.CONTENT_DISPOSITION] = f"attachment; filename*=UTF-8''{quoted}"
+    return response
 
 
 @routes.post("/v1/audio-to-text")
@@ -257,6 +252,11 @@ async def text_to_audio(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@routes.get("/v1/{name:parameters|meta|info}")
+@routes.get("/v1/{name:parameters|meta|info|site}")
 async def app_info(request: web.Request) -> web.Response:
-    return json_response(APP_INFO[request.match_info["name"]])
+    """The settings a front end reads at start, for the app the key opened (apps.py)."""
+    name, mode = request.match_info["name"], request[apps.MODE]
+    if name == "meta":
+        return json_response({"tool_icons": {}})
+    describe = {"parameters": apps.parameters, "info": apps.info, "site": apps.site}[name]
+    return json_response(describe(mode))

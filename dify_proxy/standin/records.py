@@ -1,6 +1,8 @@
-"""What the stand-in remembers: the call log the tests read (`GET /_standin/calls`), the chat
-runs that a stop can reach, and each user's conversations and messages, scoped per `user` as
-Dify scopes them (another user's conversation is a 404)."""
+"""What the stand-in remembers: the call log the tests read (`GET /_standin/calls`), the runs
+that a stop can reach, the workflow runs that run detail, events and forms reach (by run id,
+task id and form token), uploaded files, and each user's conversations, messages and
+conversation variables, scoped per `user` as Dify scopes them (another user's conversation is
+a 404)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from aiohttp import web
 from dify_proxy.standin.wire import bad, not_found
 
 if TYPE_CHECKING:
-    from dify_proxy.standin.chat import ChatRun
+    from dify_proxy.standin.events import Run
+    from dify_proxy.standin.human_input import Form
 
 MAX_RECORDS = 10_000  # conversations and messages kept; the oldest go first (benchmarks)
 
@@ -26,7 +29,13 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
 class Records:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
-        self.runs: dict[str, ChatRun] = {}  # by task id, while they run
+        self.runs: dict[str, Run] = {}  # by task id, while their request runs
+        self.flows: dict[str, Run] = {}  # chatflow and workflow runs, by workflow run id
+        self.flow_tasks: dict[str, Run] = {}  # the same, by task id
+        self.forms: dict[str, Form] = {}  # by form token
+        self.files: dict[str, dict[str, Any]] = {}  # uploads by id, with their bytes
+        self.variables: dict[str, list[dict[str, Any]]] = {}  # by conversation id
+        self.background: set[Any] = set()  # resumed runs' tasks, held so they are not collected
         self.conversations: dict[str, dict[str, Any]] = {}  # by id; each has its `_user`
         self.messages: dict[str, dict[str, Any]] = {}
         self.recordings: dict[str, str] = {}  # by name, for the replay_recording knob
@@ -36,6 +45,17 @@ class Records:
         self.calls.clear()
         self.conversations.clear()
         self.messages.clear()
+        self.flows.clear()
+        self.flow_tasks.clear()
+        self.forms.clear()
+        self.files.clear()
+        self.variables.clear()
+
+    def remember_flow(self, run: Run) -> None:
+        """A chatflow or workflow run, for run detail, its events, and a stop after its stream."""
+        assert run.workflow_run_id is not None
+        self._keep(self.flows, run.workflow_run_id, run)
+        self._keep(self.flow_tasks, run.task_id, run)
 
     def open_streams(self) -> int:
         return sum(r.streaming and r.record["stream_end"] is None for r in self.runs.values())
@@ -51,6 +71,7 @@ class Records:
             "query": query,
             "headers": {**headers, "authorization": "present" if auth is not None else "absent"},
             "auth_ok": auth_ok,
+            "app": None,  # the mode of the app the key opened
             "json": body,
             "task_id": None,
             "status": None,
@@ -61,7 +82,7 @@ class Records:
         self.calls.append(call)
         return call
 
-    def remember_chat(self, run: ChatRun, inputs: dict[str, Any], query: str, answer: str) -> None:
+    def remember_chat(self, run: Run, inputs: dict[str, Any], query: str, answer: str) -> None:
         """What Dify's conversation and message lists show once this chat has run."""
         now, seq = run.created_at, next(self._seq)
         conversation = self.conversations.get(run.conversation_id) or {
@@ -118,7 +139,7 @@ class Records:
             del self.messages[message_id]
 
     @staticmethod
-    def _keep(store: dict[str, dict[str, Any]], key: str, record: dict[str, Any]) -> None:
+    def _keep(store: dict[str, Any], key: str, record: Any) -> None:
         store[key] = record
         while len(store) > MAX_RECORDS:
             del store[next(iter(store))]

@@ -7,6 +7,11 @@ reply (`status`, `body`, `content_type`, `code`, `message`, `retry_after`), or a
 stream sent byte for byte (`replay`: the body as Dify framed it, cut into `replay_pieces` sizes,
 cycled, or one piece per event without them; `replay_delay` seconds apart, with one
 `replay_stall`-second silence before piece `replay_stall_at`).
+
+A chatflow (the stand-in's default app) that meets Human Input nodes: `human_input` (how many:
+the stream pauses at the first, and each answered form resumes the run up to the next), and
+`wait_ping_interval` (seconds between the pings of `/workflow/{id}/events` while the run waits
+for a form). The answer knobs (`text`, `events`, `interval`) then shape the resumed answer.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class Scenario:
     # Or the name of a recording stored with `PUT /_standin/recordings/<name>`, for clients that
     # can only GET, whose whole question must fit in a URL.
     replay_recording: str | None = knob(str)
+    human_input: int = knob(int, 0)
+    wait_ping_interval: float = knob(float, 10.0)
 
     @classmethod
     def parse(cls, raw: Any) -> Scenario:
@@ -90,11 +97,15 @@ class Scenario:
         """The one answer every event carries in `events` mode."""
         return (self.text if self.text is not None else "tok ") + "x" * self.pad
 
-    def answers(self, query: str) -> tuple[Iterable[str], int]:
-        """The answer deltas and their count; `events` mode repeats one delta without a list."""
+    def answers(self, query: str, default: str | None = None) -> tuple[Iterable[str], int]:
+        """The answer deltas and their count; `events` mode repeats one delta without a list.
+        Without `text`, `default` is the whole answer in one delta (a workflow echoing its
+        input), or else the stand-in's sentence, word by word."""
         if self.events is not None:
             return itertools.repeat(self.delta(), self.events), self.events
         text = self.text
+        if text is None and default is not None:
+            return [default], 1
         if text is None:
             text = (
                 f"You said: {query}. This reply comes from the local Dify stand-in, "

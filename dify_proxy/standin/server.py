@@ -1,7 +1,8 @@
 """The stand-in's HTTP server (aiohttp): Dify's conventions around every `/v1` call, the test-only
 `/_standin/*` routes, and the ways to run it (`serve`, `start_in_thread`).
 
-Every `/v1` call is logged before anything else, key checked (a wrong key is Dify's 401), and
+Every `/v1` call is logged before anything else, key checked (a wrong key is Dify's 401; the
+key also picks the app, see apps.py), and
 any `DifyError` a handler raises, like aiohttp's own 404 and 405, is answered in Dify's error
 shape. A chunked request body is refused with 411 (the proxy always sends a length).
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hmac
 import json
 import os
 import threading
@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from dify_proxy.standin import api, chat
+from dify_proxy.standin import api, apps, chat, conversation_variables, human_input, workflow
 from dify_proxy.standin.records import CALL, RECORDS, Records
 from dify_proxy.standin.wire import DifyError, json_response
 
@@ -55,14 +55,15 @@ async def dify_conventions(request: web.Request, handler: Handler) -> web.Stream
         parsed = None
     headers = {name.lower(): value for name, value in request.headers.items()}
     scheme, _, token = headers.get("authorization", "").partition(" ")
-    key_ok = scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), request.app[API_KEY]
-    )
+    mode = apps.mode_of(token.strip().encode(), request.app[API_KEY])
+    key_ok = scheme.lower() == "bearer" and mode is not None
     records = request.app[RECORDS]
     call = records.log_call(
         request.method, request.path, request.query_string, headers, key_ok, parsed
     )
+    call["app"] = mode if key_ok else None
     request[CALL] = call
+    request[apps.MODE] = mode or apps.CHATFLOW
     if upload:
         await api.read_upload(request, call)
     try:
@@ -111,7 +112,8 @@ def create_app(api_key: str) -> web.Application:
     app = web.Application(middlewares=[dify_conventions], client_max_size=MAX_BODY)
     app[API_KEY] = api_key.encode()
     app[RECORDS] = Records()
-    for table in (chat.routes, api.routes, control):
+    tables = (chat.routes, human_input.routes, workflow.routes, conversation_variables.routes)
+    for table in (*tables, api.routes, control):
         app.router.add_routes(table)
     return app
 

@@ -128,34 +128,54 @@ def events(body: bytes) -> list[dict | str]:
     return out
 
 
+def kinds(body: bytes) -> list[str]:
+    """Each event's type, `ping` for a ping."""
+    return [e["event"] if isinstance(e, dict) else "ping" for e in events(body)]
+
+
+OPENING = ["ping", "workflow_started"]  # how every chatflow stream begins
+NODES = ["node_started", "node_finished"] * 2  # Start, then Answer
+CLOSING = [*NODES, "message_end", "workflow_finished"]  # after the answer's messages
+
+
 def test_default_reply_is_one_word_per_chunk_then_message_end(base: str) -> None:
     with send(base) as sock:
         got = stream(sock)
     evs = [events(c) for c in got]
     assert all(len(e) == 1 for e in evs)  # one event per chunk
-    answer = "".join(e[0]["answer"] for e in evs[:-1])
+    messages = [e[0] for e in evs if isinstance(e[0], dict) and e[0]["event"] == "message"]
+    answer = "".join(e["answer"] for e in messages)
     assert answer == (
         "You said: hi. This reply comes from the local Dify stand-in, streamed word by word."
     )
-    end = evs[-1][0]
+    assert kinds(b"".join(got)) == [*OPENING, *["message"] * len(messages), *CLOSING]
+    end = evs[-2][0]
     assert end["event"] == "message_end"
-    assert set(end["metadata"]["usage"]) == {
+    assert list(end["metadata"]["usage"]) == [
         "prompt_tokens",
+        "prompt_unit_price",
+        "prompt_price_unit",
+        "prompt_price",
         "completion_tokens",
+        "completion_unit_price",
+        "completion_price_unit",
+        "completion_price",
         "total_tokens",
         "total_price",
         "currency",
         "latency",
-    }
+        "time_to_first_token",
+        "time_to_generate",
+    ]
     assert calls(base)[0]["stream_end"] == "completed"
 
 
 def test_events_are_compact_raw_utf8_in_dify_key_order(base: str) -> None:
     with send(base, {"events": 1, "text": "a\u2028é"}) as sock:
         got = stream(sock)
-    assert "a\u2028é".encode() in got[0]
-    assert b", " not in got[0] and got[0].startswith(b'data: {"event":"message","conversation_id"')
-    ev = events(got[0])[0]
+    assert "a\u2028é".encode() in got[2]
+    assert b", " not in got[2] and got[2].startswith(b'data: {"event":"message","conversation_id"')
+    ev = events(got[2])[0]
     assert list(ev) == [
         "event",
         "conversation_id",
@@ -164,6 +184,7 @@ def test_events_are_compact_raw_utf8_in_dify_key_order(base: str) -> None:
         "task_id",
         "id",
         "answer",
+        "from_variable_selector",
     ]
     assert ev["id"] == ev["message_id"] != ev["task_id"]
 
@@ -173,8 +194,8 @@ def test_a_lone_surrogate_breaks_neither_the_stream_nor_the_call_log(base: str) 
     with send(base, {"events": 1, "text": "x\udc00y"}, query="a\ud800b") as sock:
         got = stream(sock)
     evs = events(b"".join(got))
-    assert [e["event"] for e in evs] == ["message", "message_end"]
-    assert evs[0]["answer"] == "x\udc00y"
+    assert kinds(b"".join(got)) == [*OPENING, "message", *CLOSING]
+    assert evs[2]["answer"] == "x\udc00y"
     call = calls(base)[0]
     assert (call["json"]["query"], call["stream_end"]) == ("a\ud800b", "completed")
 
@@ -184,22 +205,22 @@ def test_split_sends_fixed_size_chunks_that_cut_utf8_characters(base: str) -> No
         got = stream(sock)
     assert {len(c) for c in got} <= {1, 2, 3}
     assert any(c[-1:] == b"\xc3" for c in got)  # a piece ends inside a 2-byte character
-    evs = events(b"".join(got))
-    assert [e["event"] for e in evs] == ["message", "message", "message_end"]
+    assert kinds(b"".join(got)) == [*OPENING, "message", "message", *CLOSING]
 
 
 def test_coalesce_sends_all_events_and_the_end_in_one_chunk(base: str) -> None:
     with send(base, {"events": 3, "coalesce": True}) as sock:
         got = stream(sock)
-    assert len(got) == 1
-    assert [e["event"] for e in events(got[0])] == ["message"] * 3 + ["message_end"]
+    assert got[:2] == [b"event: ping\n\n", got[1]]  # the opening is not held back
+    assert len(got) == 3
+    assert kinds(got[2]) == ["message"] * 3 + CLOSING
 
 
-def test_pings_are_bare_event_lines_before_the_first_data_event(base: str) -> None:
+def test_pings_are_bare_event_lines_before_the_first_message(base: str) -> None:
     with send(base, {"events": 1, "pings": 2, "ping_interval": 0.01}) as sock:
         got = stream(sock)
-    assert got[:2] == [b"event: ping\n\n", b"event: ping\n\n"]
-    assert got[2].startswith(b"data: ")
+    assert kinds(b"".join(got[:5])) == [*OPENING, "ping", "ping", "message"]
+    assert got[2:4] == [b"event: ping\n\n", b"event: ping\n\n"]
 
 
 def test_error_end_sends_an_error_event_then_ends_the_body(base: str) -> None:
@@ -244,6 +265,7 @@ def test_stop_route_ends_the_stream_with_message_end(base: str) -> None:
         f = sock.makefile("rb")
         read_head(f)
         it = chunks(f)
+        next(it)  # the opening ping
         task_id = events(next(it))[0]["task_id"]
         r = requests.post(
             f"{base}/chat-messages/{task_id}/stop",
@@ -255,7 +277,9 @@ def test_stop_route_ends_the_stream_with_message_end(base: str) -> None:
         t0 = time.monotonic()
         rest = list(it)
     assert time.monotonic() - t0 < 0.3
-    assert [e["event"] for e in events(b"".join(rest))] == ["message_end"]
+    assert kinds(b"".join(rest))[-2:] == ["workflow_finished", "message_end"]
+    finished = events(b"".join(rest))[-2]["data"]
+    assert (finished["status"], finished["error"]) == ("stopped", "Aborted: User requested stop")
     assert calls(base)[0]["stream_end"] == "stopped"
 
 
@@ -310,7 +334,7 @@ def test_blocking_mode_answers_one_json_message(base: str) -> None:
         timeout=5,
     )
     body = r.json()
-    assert (body["event"], body["mode"], body["answer"]) == ("message", "chat", "hello")
+    assert (body["event"], body["mode"], body["answer"]) == ("message", "advanced-chat", "hello")
     assert body["conversation_id"] == "c-1" and body["metadata"]["usage"]["total_tokens"] > 0
 
 
@@ -335,7 +359,7 @@ def test_keep_alive_serves_two_streams_on_one_socket(base: str) -> None:
         )
         assert read_head(f)[0] == 200
         second = list(chunks(f))
-    assert (len(first), len(second)) == (2, 3)
+    assert (len(first), len(second)) == (1 + 8, 2 + 8)
 
 
 def test_chunked_request_body_is_refused_with_411(base: str) -> None:
