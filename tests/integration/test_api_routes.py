@@ -125,15 +125,18 @@ def test_stop_ends_a_running_stream_with_message_end(proxy, standin, alice):
     assert calls_to(standin, f"/v1/chat-messages/{task_id}/stop")[0]["json"] == {"user": ALICE}
 
 
-def test_another_users_stop_does_not_end_the_stream(proxy, standin, bob):
+def test_another_users_stop_is_a_404_that_never_reaches_dify(proxy, standin, bob):
+    """Dify stops a paused run for whoever asks: the proxy lets only the task's owner ask."""
     response = proxy.chat(scenario(events=1, end="hang"))
     first = read_stream(response, until=lambda r: bool(r.data_events()), seconds=10)
+    task_id = first.data()[0]["task_id"]
 
-    stop = bob.request("POST", f"/api/chat/{first.data()[0]['task_id']}/stop")
+    stop = bob.request("POST", f"/api/chat/{task_id}/stop")
 
     rest = read_stream(response, until=lambda r: r.pings() > 0, seconds=10)
-    response.close()
-    assert stop.status_code == 200  # Dify answers success either way
+    assert not calls_to(standin, f"/v1/chat-messages/{task_id}/stop")
+    response.close()  # (which has the proxy stop the task, as Alice)
+    assert (stop.status_code, stop.json()["code"]) == (404, "not_found")
     assert not rest.ended
     assert not rest.data()
 
