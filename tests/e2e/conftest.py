@@ -240,6 +240,15 @@ class DemoPage:
             for turn in self.page.locator("#transcript .turn").all()
         ]
 
+    def form(self):
+        """The form under the last answer, once a paused run shows it."""
+        return self.page.locator("#transcript .turn:last-child form.human-input")
+
+    def answer_form(self, comment: str, action: str = "approve") -> None:
+        form = self.form()
+        form.locator("textarea[name=comment]").fill(comment)
+        form.locator(f"button[value={action}]").click()
+
     def status(self) -> tuple[str, str]:
         element = self.page.locator("#status")
         return element.get_attribute("data-state") or "", element.text_content() or ""
