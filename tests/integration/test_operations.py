@@ -305,8 +305,9 @@ def test_metrics_report_streams_tokens_and_end_reasons(start_proxy):
     assert metric(text, "dify_proxy_stream_ends_total", reason="completed") == 1
     assert metric(text, "dify_proxy_stream_ends_total", reason="upstream_dropped") == 1
     assert metric(text, "dify_proxy_upstream_errors_total", kind="stream_upstream_dropped") == 1
-    # 5 from the first answer's usage report; the dropped one brought none: 1 event, 1 token
-    assert metric(text, "dify_proxy_tokens_total") == 5 + 1
+    # 5 from the first answer's usage report; the dropped one brought none, so it counts one
+    # token per event Dify sent: workflow_started and one message
+    assert metric(text, "dify_proxy_tokens_total") == 5 + 2
     assert metric(text, "dify_proxy_time_to_first_byte_seconds_count") == 2
     assert metric(text, "dify_proxy_open_streams") == 0
 
