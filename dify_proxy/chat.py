@@ -32,7 +32,13 @@ from .quotas import Quotas
 from .relay import ServerRestarting, StreamStats, draining, relay, waiting_for_dify
 from .resume import follow
 from .usage import book
-from .validation import bad_request, own_uploads, read_json_object, refuse_head, validate_uuid
+from .validation import (
+    answer_body,
+    bad_request,
+    read_json_object,
+    refuse_head,
+    validate_uuid,
+)
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 log = logging.getLogger(__name__)
@@ -41,7 +47,6 @@ log = logging.getLogger(__name__)
 bp.before_request(refuse_head)
 
 MAX_MESSAGE_CHARS = 32_000
-RESPONSE_MODES = ("streaming", "blocking")
 STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
     "X-Accel-Buffering": "no",
@@ -55,27 +60,10 @@ def chat_payload(body: dict[str, Any], user: str) -> dict[str, Any]:
         raise bad_request("message is required and must be a non-blank string.")
     if len(message) > MAX_MESSAGE_CHARS:
         raise bad_request(f"message must be at most {MAX_MESSAGE_CHARS} characters.")
-    inputs = body.get("inputs", {})
-    if not isinstance(inputs, dict):
-        raise bad_request("inputs must be a JSON object.")
-    files = body.get("files", [])
-    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-        raise bad_request("files must be a list of file objects.")
-    mode = body.get("response_mode", "streaming")
-    if mode not in RESPONSE_MODES:
-        raise bad_request("response_mode must be 'streaming' or 'blocking'.")
-    payload: dict[str, Any] = {
-        "query": message,
-        "inputs": inputs,
-        "user": user,
-        "response_mode": mode,
-    }
+    payload = {"query": message, **answer_body(body, user)}
     conversation_id = body.get("conversation_id")
     if conversation_id not in (None, ""):
         payload["conversation_id"] = validate_uuid(conversation_id, "conversation_id")
-    own_uploads(files, inputs, user)
-    if files:
-        payload["files"] = files
     return payload
 
 

@@ -14,8 +14,8 @@ from flask import Blueprint, Response, jsonify
 
 from . import runs
 from .api import APP_INFO, MAX_FEEDBACK_CHARS, MAX_NAME_CHARS, MAX_VOICE_CHARS, RATINGS
-from .chat import MAX_MESSAGE_CHARS, RESPONSE_MODES
-from .validation import FLAGS, MAX_LIMIT, MIN_LIMIT, SORT_ORDERS, VARIABLE_NAME
+from .chat import MAX_MESSAGE_CHARS
+from .validation import FLAGS, MAX_LIMIT, MIN_LIMIT, RESPONSE_MODES, SORT_ORDERS, VARIABLE_NAME
 
 bp = Blueprint("openapi", __name__)
 

@@ -25,7 +25,6 @@ from .api import json_answer
 from .auth import require_session
 from .chat import (
     MAX_MESSAGE_CHARS,
-    RESPONSE_MODES,
     is_reconnect,
     last_event_id,
     resume,
@@ -36,7 +35,7 @@ from .dify import Dify
 from .limits import per_user
 from .modes import WORKFLOW_MODES, require_mode, stop_app
 from .owners import require_owner
-from .validation import bad_request, own_uploads, read_json_object, refuse_head, validate_uuid
+from .validation import answer_body, bad_request, read_json_object, refuse_head, validate_uuid
 
 bp = Blueprint("runs", __name__, url_prefix="/api")
 bp.before_request(refuse_head)
@@ -58,19 +57,7 @@ def run_payload(body: dict[str, Any], query: bool = False) -> dict[str, Any]:
     """Dify's own body for a workflow run or a completion (`inputs`, `response_mode`, `files`,
     and with `query` a completion's optional `query`); `user` is always the session's.
     Anything else in the body is not sent."""
-    inputs = body.get("inputs", {})
-    if not isinstance(inputs, dict):
-        raise bad_request("inputs must be a JSON object.")
-    files = body.get("files", [])
-    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-        raise bad_request("files must be a list of file objects.")
-    mode = body.get("response_mode", "streaming")
-    if mode not in RESPONSE_MODES:
-        raise bad_request("response_mode must be 'streaming' or 'blocking'.")
-    own_uploads(files, inputs, g.user_id)
-    payload: dict[str, Any] = {"inputs": inputs, "response_mode": mode, "user": g.user_id}
-    if files:
-        payload["files"] = files
+    payload = answer_body(body, g.user_id)
     if query and body.get("query") is not None:
         text = body["query"]
         if not isinstance(text, str):

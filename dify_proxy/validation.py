@@ -18,6 +18,7 @@ from . import jsontext
 from .errors import ApiError
 
 MIN_LIMIT, MAX_LIMIT = 1, 100
+RESPONSE_MODES = ("streaming", "blocking")
 SORT_ORDERS = ("created_at", "-created_at", "updated_at", "-updated_at")
 FLAGS = {"true": True, "false": False}
 # Dify's filter for conversation variables: 1-255 letters, digits, `_`, `-` and `.`.
@@ -128,6 +129,26 @@ def optional_text(body: dict[str, Any], name: str, max_chars: int) -> str | None
     if len(value) > max_chars:
         raise bad_request(f"{name} must be at most {max_chars:,} characters.")
     return value
+
+
+def answer_body(body: dict[str, Any], user: str) -> dict[str, Any]:
+    """What every question to Dify carries besides its own fields (a chat's `query`, a
+    completion's): `inputs`, `files` (only the asker's own uploads) and `response_mode`, with
+    `user` always the session's, never the body's."""
+    inputs = body.get("inputs", {})
+    if not isinstance(inputs, dict):
+        raise bad_request("inputs must be a JSON object.")
+    files = body.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise bad_request("files must be a list of file objects.")
+    mode = body.get("response_mode", "streaming")
+    if mode not in RESPONSE_MODES:
+        raise bad_request("response_mode must be 'streaming' or 'blocking'.")
+    own_uploads(files, inputs, user)
+    payload: dict[str, Any] = {"inputs": inputs, "user": user, "response_mode": mode}
+    if files:
+        payload["files"] = files
+    return payload
 
 
 def own_uploads(files: list[Any], inputs: dict[str, Any], user: str) -> None:
