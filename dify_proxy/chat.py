@@ -183,9 +183,9 @@ def run_answer(
             f"it renews at 00:00 UTC, in {in_words(seconds)}",
             seconds,
         )
-    # The usage ledger's row (the app's mode as Dify named it, once known), and the money
-    # budgets (a 429 when used up).
-    entry = book(user, app_mode=known_mode() or app)
+    # The usage ledger's row (its app: chat, workflow or completion, as the route), and the
+    # money budgets (a 429 when used up).
+    entry = book(user, app_mode=app)
     max_streams = user_limit("max_streams_per_user")
     lease = quotas.acquire_stream(user, max_streams)
     if lease is None:

@@ -18,7 +18,7 @@ import requests
 from sqlalchemy import select, text
 
 from dify_proxy.ledger.schema import make_engine, usage
-from tests.integration.conftest import scenario
+from tests.integration.conftest import DIFY_KEY, scenario
 from tests.support import tokens
 from tests.support.postgres_server import PostgresServer
 from tests.support.processes import ROOT
@@ -100,16 +100,37 @@ def stream_id(received) -> str:
 
 
 def usage_of(received) -> dict:
-    return received.data()[-1]["metadata"]["usage"]
+    return received.last("message_end")["metadata"]["usage"]
 
 
 # --- one row per answer -------------------------------------------------------------------------
 
 
+def test_a_workflow_run_is_one_row_with_its_run_id_and_total_tokens(start_proxy, ledger):
+    proxy = start_proxy(DIFY_API_KEY=f"{DIFY_KEY}-workflow", **ledger.env)
+    received = read_stream(
+        requests.post(
+            f"{proxy.url}/api/workflows/run",
+            json={"inputs": {"text": "hello workflow"}},
+            headers={"Authorization": f"Bearer {tokens.hs256(sub=ALICE)}"},
+            stream=True,
+            timeout=30,
+        )
+    )
+    end = received.data()[-1]
+    assert end["event"] == "workflow_finished"
+
+    (row,) = ledger.wait_for_rows(1)
+
+    assert (row["app_mode"], row["end_reason"], row["user_id"]) == ("workflow", "completed", ALICE)
+    assert (row["workflow_run_id"], row["task_id"]) == (end["workflow_run_id"], end["task_id"])
+    assert row["total_tokens"] == end["data"]["total_tokens"]
+
+
 def test_a_streamed_answer_is_one_row_with_the_usage_dify_reported(start_proxy, ledger):
     proxy = start_proxy(**ledger.env)
     received = read_stream(ask(proxy))
-    end = received.data()[-1]
+    end = received.last("message_end")
 
     (row,) = ledger.wait_for_rows(1)
 
@@ -194,7 +215,7 @@ def test_a_resumed_answer_counts_its_resume_in_its_row(start_proxy, ledger):
     rest = read_stream(
         requests.post(f"{proxy.url}/api/chat", json={}, headers=headers, stream=True, timeout=30)
     )
-    assert rest.data()[-1]["event"] == "message_end"
+    assert rest.kinds()[-2:] == ["message_end", "workflow_finished"]
 
     deadline = time.monotonic() + 20
     while (rows := ledger.rows()) == [] or rows[0]["resumes"] == 0:
@@ -277,7 +298,7 @@ def test_while_postgres_is_down_every_answer_streams_and_every_row_arrives_once(
     rows = ledger.rows()
 
     assert [r.data()[-1]["event"] if r.data() else r.body for r in meanwhile] == [
-        "message_end"
+        "workflow_finished"
     ] * 10, proxy.log()[-3000:]
     streamed = sorted(stream_id(r) for r in before + meanwhile)
     assert sorted(row["answer_id"] for row in rows) == streamed
@@ -431,17 +452,17 @@ def test_answers_opened_at_once_on_two_instances_cannot_slip_past_a_cost_budget(
     shared = {
         **ledger.env,
         "REDIS_URL": redis_server.url,
-        "DAILY_COST_BUDGET": "0.000027",
+        "DAILY_COST_BUDGET": "0.000022",
         "MAX_STREAMS_PER_USER": "10",
     }
     one = start_proxy(**shared)
     two = start_proxy(**{**shared, "USAGE_OUTBOX_PATH": str(tmp_path / "outbox-2.sqlite3")})
-    first = read_stream(ask(one, {"events": 3}))  # 5 tokens: 0.0000100 recorded
-    assert usage_of(first)["total_price"] == "0.0000100"
+    first = read_stream(ask(one, {"events": 3}))  # 4 tokens: 0.0000080 recorded
+    assert usage_of(first)["total_price"] == "0.0000080"
     ledger.wait_for_rows(1)
 
-    # Recorded 0.0000100, and each answer in flight holds 0.0000100 (the dearest so far): two
-    # may run at once (0.0000100 + 2 x 0.0000100 reaches 0.000027 only with a third).
+    # Recorded 0.0000080, and each answer in flight holds 0.0000080 (the dearest so far): two
+    # may run at once (0.0000080 + 2 x 0.0000080 is within 0.000022; a third is not).
     running = [ask(one, {"events": 1, "end": "hang"}), ask(two, {"events": 1, "end": "hang"})]
     for response in running:
         read_stream(response, until=lambda r: bool(r.data()), seconds=10)
@@ -454,7 +475,7 @@ def test_answers_opened_at_once_on_two_instances_cannot_slip_past_a_cost_budget(
     assert refused.headers["Retry-After"] == "5"
 
     # The answer ends; once its row is written (with the usage Dify reported for the stopped
-    # answer: 3 tokens, 0.0000060), its hold is given back: 0.0000160 + 1 hold x 0.0000100
+    # answer: 2 tokens, 0.0000040), its hold is given back: 0.0000120 + 1 hold x 0.0000080
     # leaves room for one more.
     running[0].close()
     ledger.wait_for_rows(2)
@@ -462,6 +483,6 @@ def test_answers_opened_at_once_on_two_instances_cannot_slip_past_a_cost_budget(
     while (again := ask(two, {"events": 1})).status_code == 429:
         assert time.monotonic() < deadline, again.json()
         time.sleep(0.2)
-    assert read_stream(again).data()[-1]["event"] == "message_end"
+    assert read_stream(again).kinds()[-2:] == ["message_end", "workflow_finished"]
     running[1].close()
     ledger.engine.dispose()
