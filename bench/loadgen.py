@@ -34,7 +34,11 @@ _FIRST_ID = re.compile(rb"(?m)^id: ?([^\r\n]*)\r?\n")
 _MASKS = (
     (re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), b"<uuid>"),
     (re.compile(rb'"created_at":\d+'), b'"created_at":0'),
-    (re.compile(rb'"latency":[0-9.eE+-]+'), b'"latency":0'),
+    # the usage report's timings (Dify 1.16's message_end has all three)
+    (
+        re.compile(rb'"(latency|time_to_first_token|time_to_generate)":[0-9.eE+-]+'),
+        rb'"\1":0',
+    ),
 )
 
 
