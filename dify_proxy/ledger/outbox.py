@@ -17,6 +17,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from .sqlitewal import use_wal
+
 _SCHEMA = (
     "create table if not exists rows (answer_id text primary key, row text not null)",
     "create table if not exists resumes (answer_id text not null, since real not null)",
@@ -29,7 +31,7 @@ class Outbox:
         self.path = path
         db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         try:  # outside a transaction, where SQLite allows it; every worker asks the same
-            db.execute("pragma journal_mode=wal")
+            use_wal(db)
         finally:
             db.close()
         with self._connect() as db:

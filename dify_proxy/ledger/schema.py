@@ -32,6 +32,8 @@ from sqlalchemy import (
     text,
 )
 
+from .sqlitewal import use_wal
+
 TABLE = "dify_usage"
 VERSION_TABLE = "dify_usage_alembic_version"  # not `alembic_version`: the team may have its own
 
@@ -141,8 +143,8 @@ def make_engine(database_url: str | None, sqlite_path: str) -> Engine:
 
 def _sqlite_pragmas(connection: Any, record: Any) -> None:
     """WAL: every worker of the instance writes the same file, and readers never wait."""
+    use_wal(connection)
     cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
