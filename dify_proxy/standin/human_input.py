@@ -216,6 +216,8 @@ async def answer_form(request: web.Request) -> web.Response:
     task = asyncio.get_running_loop().create_task(resume(records, form.run, form))
     records.background.add(task)
     task.add_done_callback(records.background.discard)
+    if form.run.scenario.form_reply_delay:
+        await asyncio.sleep(form.run.scenario.form_reply_delay)
     return json_response({})
 
 

@@ -11,7 +11,10 @@ cycled, or one piece per event without them; `replay_delay` seconds apart, with 
 A chatflow (the stand-in's default app) that meets Human Input nodes: `human_input` (how many:
 the stream pauses at the first, and each answered form resumes the run up to the next), and
 `wait_ping_interval` (seconds between the pings of `/workflow/{id}/events` while the run waits
-for a form). The answer knobs (`text`, `events`, `interval`) then shape the resumed answer.
+for a form), and `form_reply_delay` (seconds the answer to a submitted form lags behind the
+resumed run's events: Dify resumes the run in a worker, so a follower may see the next pause
+before the submitter sees `{}`). The answer knobs (`text`, `events`, `interval`) then shape
+the resumed answer.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Scenario:
     replay_recording: str | None = knob(str)
     human_input: int = knob(int, 0)
     wait_ping_interval: float = knob(float, 10.0)
+    form_reply_delay: float = knob(float, 0.0)
 
     @classmethod
     def parse(cls, raw: Any) -> Scenario:

@@ -132,6 +132,23 @@ def test_a_run_with_two_forms_shows_each_in_turn_with_the_eventsource_polyfill(
     check_a_run_with_two_forms_shows_each_in_turn(demo_page, proxy, standin, POLYFILL)
 
 
+def test_a_next_form_that_comes_before_the_last_ones_answer_is_acknowledged_stays_shown(
+    demo_page, proxy, standin
+):
+    """With the polyfill the run is followed first and the form answered by a plain POST. Dify
+    resumes the run in a worker, so the next pause can reach the page before the POST's `{}`:
+    the page then dropped the new form, taking it for the one just answered."""
+    demo_page.open(proxy.url, POLYFILL).ask(QUESTION, human_input=2, form_reply_delay=1.0)
+    wait_for_the_form(demo_page)
+    demo_page.answer_form("first")
+    demo_page.pause(1.5)  # the answer to the first form has been acknowledged by now
+    second = wait_for_the_form(demo_page)
+    assert second.locator("textarea").input_value() == ""
+    demo_page.answer_form("second")
+    assert demo_page.wait_until("done", "error") == ("done", "done")
+    assert demo_page.turns() == [(QUESTION, "Approved: second")]
+
+
 def test_a_run_with_two_forms_shows_each_in_turn_with_fetch_event_source(demo_page, proxy, standin):
     check_a_run_with_two_forms_shows_each_in_turn(demo_page, proxy, standin, FETCH)
 

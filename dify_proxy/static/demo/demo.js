@@ -515,10 +515,13 @@ function answerForm(turn, formToken, runId, answer) {
       : { transport, method: "GET", path: `/api/workflow/${encodeURIComponent(runId)}/events` },
   );
   run.runId = runId;
+  const answered = turn.form;
+  // The proxy's answer to the form can come after the resumed run's events (Dify resumes it in a
+  // worker): by then the run may have paused at its next form, which must stay.
   const taken = () => {
     run.retryForm = null;
-    dropForm(turn);
-    if (run.resumeFrom && run === current) keepUnfinished(run);
+    if (turn.form === answered) dropForm(turn);
+    if (run.resumeFrom && run === current && !run.ended) keepUnfinished(run);
   };
   // Refused: answered meanwhile (412, in another tab, say), the run is followed to see what came
   // of it; otherwise (a 400 invalid_form_data, a lost connection) the form can be sent again.
