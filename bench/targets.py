@@ -141,6 +141,10 @@ class Proxy(Target):
             "SUPABASE_JWT_SECRET": self.secret,
             "LOG_LEVEL": "WARNING",
             "WEB_CONCURRENCY": str(workers),
+            # A fresh usage ledger per run, as the answer spool is (the default, the checkout's
+            # instance/ directory, would grow with every run and carry one run into the next).
+            "USAGE_SQLITE_PATH": str(tmp / f"usage-{self.port}.sqlite3"),
+            "USAGE_OUTBOX_PATH": str(tmp / f"usage-outbox-{self.port}.sqlite3"),
             **extra_env,  # --proxy-env, for experiments only
         }
         # exactly the Procfile's command (it binds 0.0.0.0:$PORT; the benchmark only ever
