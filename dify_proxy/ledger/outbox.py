@@ -17,7 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from .sqlitewal import use_wal
+from .sqlitewal import BUSY_TIMEOUT_SECONDS, use_wal
 
 _SCHEMA = (
     "create table if not exists rows (answer_id text primary key, row text not null)",
@@ -29,7 +29,7 @@ class Outbox:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:  # outside a transaction, where SQLite allows it; every worker asks the same
             use_wal(db)
         finally:
@@ -40,7 +40,7 @@ class Outbox:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:
             db.execute("begin immediate")
             yield db
@@ -61,7 +61,7 @@ class Outbox:
             db.executemany("insert into resumes values (?, ?)", resumes)
 
     def peek(self, limit: int = 500) -> tuple[list[dict[str, Any]], list[tuple[str, float]]]:
-        db = sqlite3.connect(self.path, timeout=10)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS)
         try:
             rows = [
                 _decode(text) for (text,) in db.execute("select row from rows limit ?", (limit,))
@@ -82,7 +82,7 @@ class Outbox:
                 )
 
     def pending_count(self) -> int:
-        db = sqlite3.connect(self.path, timeout=10)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS)
         try:
             return db.execute("select count(*) from rows").fetchone()[0]
         finally:

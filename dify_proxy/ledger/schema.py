@@ -32,7 +32,7 @@ from sqlalchemy import (
     text,
 )
 
-from .sqlitewal import use_wal
+from .sqlitewal import BUSY_TIMEOUT_SECONDS, use_wal
 
 TABLE = "dify_usage"
 VERSION_TABLE = "dify_usage_alembic_version"  # not `alembic_version`: the team may have its own
@@ -121,7 +121,7 @@ def make_engine(database_url: str | None, sqlite_path: str) -> Engine:
     url = engine_url(database_url, sqlite_path)
     if url.startswith("sqlite"):
         os.makedirs(os.path.dirname(os.path.abspath(sqlite_path)), exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 10})
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(

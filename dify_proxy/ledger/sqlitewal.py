@@ -13,10 +13,12 @@ import sqlite3
 import time
 from typing import Any
 
-WAIT_SECONDS = 10.0  # as long as the connections' own busy timeout
+# Every connection to the ledger's SQLite files waits this long for another process's lock,
+# and turning a file to WAL is retried as long.
+BUSY_TIMEOUT_SECONDS = 10.0
 
 
-def use_wal(connection: Any, wait: float = WAIT_SECONDS) -> None:
+def use_wal(connection: Any, wait: float = BUSY_TIMEOUT_SECONDS) -> None:
     """Put `connection`'s database (a DB-API connection of the sqlite3 module) in WAL mode,
     retrying while another process holds the lock it needs."""
     deadline = time.monotonic() + wait
