@@ -493,6 +493,7 @@ function showForm(turn, form, runId) {
     for (const control of fields.querySelectorAll("[name]")) values[control.name] = control.value;
     answerForm(turn, form.form_token, runId, { action: event.submitter.value, inputs: values });
   });
+  fields.dataset.formToken = form.form_token;
   turn.form = fields;
   turn.item.append(element);
 }
@@ -515,12 +516,12 @@ function answerForm(turn, formToken, runId, answer) {
       : { transport, method: "GET", path: `/api/workflow/${encodeURIComponent(runId)}/events` },
   );
   run.runId = runId;
-  const answered = turn.form;
   // The proxy's answer to the form can come after the resumed run's events (Dify resumes it in a
-  // worker): by then the run may have paused at its next form, which must stay.
+  // worker): by then the run may have paused at its next form, which must stay. So the form
+  // dropped is this token's, whether the one answered or the same form shown again.
   const taken = () => {
     run.retryForm = null;
-    if (turn.form === answered) dropForm(turn);
+    if (turn.form?.dataset.formToken === formToken) dropForm(turn);
     if (run.resumeFrom && run === current && !run.ended) keepUnfinished(run);
   };
   // Refused: answered meanwhile (412, in another tab, say), the run is followed to see what came
